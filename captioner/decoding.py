@@ -1,0 +1,213 @@
+"""Caption search: greedy, batched beam search and sampling, all driven by ``Decoder.step``.
+
+Every mode works on a whole batch of images at once, drops images from the batch as soon as their
+search is over, and returns, per image, hypotheses best first with their per-word attention.
+
+Lengths: ``max_length`` bounds the number of words. A hypothesis that reaches it without choosing
+``<end>`` is ended there with the model's own probability of ``<end>`` at that point and marked
+``truncated``, so every image gets a result. The score of a hypothesis is its total log-probability
+divided by ``length ** length_penalty`` (length counts the words plus ``<end>``): 0 ranks by raw
+log-probability, which favours short captions; 1 ranks by mean log-probability per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from captioner.decoder import Decoder, Memory, State
+from captioner.errors import OptionError
+from captioner.vocab import END_ID, PAD_ID, START_ID
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: list[int]  # generated ids, the final <end> included
+    log_prob: float  # sum of the log-probabilities of ``tokens``
+    score: float  # log_prob / len(tokens) ** length_penalty
+    attention: torch.Tensor  # (len(tokens), R) attention weights that produced each token
+    truncated: bool  # ended by max_length rather than by the model
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    beam_size: int = 3
+    max_length: int = 20
+    n_best: int = 1
+    length_penalty: float = 1.0
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.beam_size <= 50:
+            raise OptionError("beam_size must be an integer from 1 to 50", code="invalid_option")
+        if not 1 <= self.max_length <= 200:
+            raise OptionError("max_length must be an integer from 1 to 200")
+        if not 1 <= self.n_best <= (self.beam_size if not self.sample else 50):
+            raise OptionError("n_best must be at least 1 and at most beam_size (or 50 when sampling)")
+        if not self.length_penalty >= 0.0:
+            raise OptionError("length_penalty must be >= 0")
+        if not 0.0 < self.temperature <= 100.0:
+            raise OptionError("temperature must lie in (0, 100]")
+        if self.top_k < 0:
+            raise OptionError("top_k must be >= 0 (0 disables it)")
+
+
+def search(
+    decoder: Decoder,
+    features: torch.Tensor,
+    options: SearchOptions,
+    generator: torch.Generator | None = None,
+) -> list[list[Hypothesis]]:
+    """Dispatch on the options: sampling, greedy (beam size 1) or beam search; ``features`` (B, R, C)."""
+    if options.sample:
+        rows = features.repeat_interleave(options.n_best, dim=0)  # (B*n, R, C)
+        pick = _sampler(options.temperature, options.top_k, generator)
+        found = _search_one_path(decoder, rows, options, pick)
+        per_image = [found[i : i + options.n_best] for i in range(0, len(found), options.n_best)]
+        return [sorted((h for [h] in group), key=lambda h: -h.score) for group in per_image]
+    if options.beam_size == 1:
+        return _search_one_path(decoder, features, options, _argmax)
+    return beam_search(decoder, features, options)
+
+
+def _argmax(log_probs: torch.Tensor) -> torch.Tensor:
+    return log_probs.argmax(dim=1)
+
+
+def _sampler(
+    temperature: float, top_k: int, generator: torch.Generator | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    def pick(log_probs: torch.Tensor) -> torch.Tensor:
+        scaled = log_probs / temperature  # (N, V)
+        if top_k > 0 and top_k < scaled.shape[1]:
+            threshold = scaled.topk(top_k, dim=1).values[:, -1:]  # (N, 1)
+            scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+        return torch.multinomial(scaled.softmax(dim=1), 1, generator=generator).squeeze(1)  # (N,)
+
+    return pick
+
+
+def _next_log_probs(
+    decoder: Decoder, tokens: torch.Tensor, state: State, memory: Memory, force_end: bool
+) -> tuple[torch.Tensor, State, torch.Tensor]:
+    step = decoder.step(tokens, state, memory)
+    logits = decoder.logits(step.output)  # (N, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # half precision is too coarse for summing log-probabilities
+    logits[:, [PAD_ID, START_ID]] = float("-inf")  # <pad> and <start> are never words of a caption
+    log_probs = logits.log_softmax(dim=1)  # (N, V)
+    if force_end:
+        keep = torch.full_like(log_probs, float("-inf"))
+        keep[:, END_ID] = log_probs[:, END_ID]
+        log_probs = keep  # (N, V) only <end> remains possible
+    return log_probs, step.state, step.alpha
+
+
+def _search_one_path(
+    decoder: Decoder,
+    features: torch.Tensor,
+    options: SearchOptions,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+) -> list[list[Hypothesis]]:
+    """One hypothesis per row, extended by ``pick`` (argmax for greedy, a draw for sampling)."""
+    memory, state = decoder.init_state(features)
+    n = features.shape[0]
+    active = torch.arange(n, device=features.device)  # rows still being extended
+    tokens = torch.full((n,), START_ID, dtype=torch.long, device=features.device)
+    history: list[list[tuple[int, float, torch.Tensor]]] = [[] for _ in range(n)]
+    results: list[list[Hypothesis]] = [[] for _ in range(n)]
+    for t in range(options.max_length + 1):
+        log_probs, state, alpha = _next_log_probs(decoder, tokens, state, memory, t == options.max_length)
+        tokens = pick(log_probs)  # (N,)
+        chosen = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (N,)
+        ended = tokens == END_ID  # (N,)
+        for image, token, lp, a in zip(active.tolist(), tokens.tolist(), chosen.tolist(), alpha, strict=True):
+            history[image].append((token, lp, a))
+            if token == END_ID:
+                results[image] = [_hypothesis(history[image], options.length_penalty, t == options.max_length)]
+        if bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)  # (N',)
+            active, tokens = active[keep], tokens[keep]
+            memory, state = memory.select(keep), state.select(keep)
+    return results
+
+
+def _hypothesis(steps: list[tuple[int, float, torch.Tensor]], length_penalty: float, truncated: bool) -> Hypothesis:
+    log_prob = sum(lp for _, lp, _ in steps)
+    return Hypothesis(
+        tokens=[token for token, _, _ in steps],
+        log_prob=log_prob,
+        score=log_prob / len(steps) ** length_penalty,
+        attention=torch.stack([a for _, _, a in steps]).cpu(),
+        truncated=truncated,
+    )
+
+
+def beam_search(decoder: Decoder, features: torch.Tensor, options: SearchOptions) -> list[list[Hypothesis]]:
+    """Beam search over a whole batch: every image keeps ``K`` live beams in one (B*K) decoder batch.
+
+    An image's search ends once ``K`` hypotheses have chosen ``<end>``; its rows then leave the batch.
+    Each step ranks the 2K best extensions of an image's beams: ``<end>`` extensions among the first
+    K become finished hypotheses, and the K best others continue (there are always at least K, since
+    at most one extension per beam is ``<end>``).
+    """
+    K, device = options.beam_size, features.device
+    n_images = features.shape[0]
+    memory, state = decoder.init_state(features.repeat_interleave(K, dim=0))  # rows image-major
+    images = torch.arange(n_images, device=device)  # images still searching, in batch order
+    tokens = torch.full((n_images * K,), START_ID, dtype=torch.long, device=device)
+    beam_log_prob = torch.zeros(n_images, K, device=device, dtype=torch.float64)  # (B, K)
+    beam_log_prob[:, 1:] = float("-inf")  # all beams start identical: only the first one may extend
+    token_history = torch.empty(n_images * K, 0, dtype=torch.long, device=device)  # (B*K, t)
+    attention_history: torch.Tensor | None = None  # (B*K, t, R)
+    finished: list[list[Hypothesis]] = [[] for _ in range(n_images)]
+    for t in range(options.max_length + 1):
+        log_probs, state, alpha = _next_log_probs(decoder, tokens, state, memory, t == options.max_length)
+        B, V = images.shape[0], log_probs.shape[1]
+        candidates = (beam_log_prob.unsqueeze(2) + log_probs.view(B, K, V)).view(B, K * V)  # (B, K*V)
+        top_log_prob, top_index = candidates.topk(2 * K, dim=1)  # (B, 2K)
+        source_beam, word = top_index // V, top_index % V  # (B, 2K)
+        source_row = source_beam + torch.arange(B, device=device).unsqueeze(1) * K  # (B, 2K) rows of the batch
+        attention_so_far = (
+            alpha.unsqueeze(1)
+            if attention_history is None
+            else torch.cat([attention_history, alpha.unsqueeze(1)], dim=1)
+        )  # (B*K, t+1, R)
+        is_end = (word == END_ID) & (top_log_prob > float("-inf"))  # (B, 2K)
+        for b, k in (is_end[:, :K]).nonzero().tolist():
+            image, row = int(images[b]), int(source_row[b, k])
+            if len(finished[image]) < K:
+                finished[image].append(
+                    Hypothesis(
+                        tokens=[*token_history[row].tolist(), END_ID],
+                        log_prob=float(top_log_prob[b, k]),
+                        score=float(top_log_prob[b, k]) / (t + 1) ** options.length_penalty,
+                        attention=attention_so_far[row].cpu(),
+                        truncated=t == options.max_length,
+                    )
+                )
+        # The K best extensions that are not <end> continue; a stable sort keeps them in score order.
+        order = torch.sort(is_end.to(torch.int8), dim=1, stable=True).indices[:, :K]  # (B, K)
+        rows = source_row.gather(1, order).flatten()  # (B*K,)
+        beam_log_prob = top_log_prob.gather(1, order)  # (B, K)
+        tokens = word.gather(1, order).flatten()  # (B*K,)
+        token_history = torch.cat([token_history[rows], tokens.unsqueeze(1)], dim=1)  # (B*K, t+1)
+        attention_history = attention_so_far[rows]  # (B*K, t+1, R)
+        state, memory = state.select(rows), memory.select(rows)
+        searching = torch.tensor([len(finished[int(i)]) < K for i in images], dtype=torch.bool, device=device)  # (B,)
+        if not bool(searching.any()):
+            break
+        if not bool(searching.all()):
+            keep_images = searching.nonzero().squeeze(1)  # (B',)
+            keep_rows = (keep_images.unsqueeze(1) * K + torch.arange(K, device=device)).flatten()  # (B'*K,)
+            images, beam_log_prob = images[keep_images], beam_log_prob[keep_images]
+            tokens, token_history = tokens[keep_rows], token_history[keep_rows]
+            attention_history = attention_history[keep_rows]
+            state, memory = state.select(keep_rows), memory.select(keep_rows)
+    return [sorted(hyps, key=lambda h: -h.score)[: options.n_best] for hyps in finished]

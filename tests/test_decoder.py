@@ -1,0 +1,109 @@
+"""The decoder: one step function for training and inference, attention math, the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captioner.config import DecoderConfig
+from captioner.decoder import Decoder, caption_loss
+from captioner.decoding import SearchOptions, search
+
+VARIANTS = [
+    {},
+    {"cell": "gru"},
+    {"num_layers": 2},
+    {"deep_output": False},
+    {"gate": False},
+    {"attention": "mean"},
+]
+
+
+def make_decoder(seed: int = 0, **overrides: object) -> Decoder:
+    torch.manual_seed(seed)
+    config = DecoderConfig(
+        vocab_size=30, feature_dim=12, embed_dim=8, attention_dim=10, hidden_dim=14, dropout=0.3, **overrides
+    )
+    return Decoder(config).eval()
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_teacher_forced_logits_equal_step_by_step_decoding(overrides: dict) -> None:
+    decoder = make_decoder(**overrides)
+    features = torch.randn(3, 9, 12)
+    captions = torch.randint(4, 30, (3, 7))
+    captions[:, 0] = 1
+    with torch.no_grad():
+        logits, alphas = decoder(features, captions)
+        memory, state = decoder.init_state(features)
+        for t in range(captions.shape[1] - 1):
+            step = decoder.step(captions[:, t], state, memory)
+            state = step.state
+            torch.testing.assert_close(decoder.logits(step.output), logits[:, t], rtol=0, atol=1e-6)
+            torch.testing.assert_close(step.alpha, alphas[:, t], rtol=0, atol=1e-7)
+    assert logits.shape == (3, 6, 30) and alphas.shape == (3, 6, 9)
+
+
+def test_attention_weights_are_distributions_that_depend_on_the_state() -> None:
+    decoder = make_decoder()
+    features = torch.randn(2, 9, 12)
+    captions = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
+    with torch.no_grad():
+        _, alphas = decoder(features, captions)
+    torch.testing.assert_close(alphas.sum(dim=2), torch.ones(2, 4))
+    assert (alphas >= 0).all()
+    assert not torch.allclose(alphas[:, 0], alphas[:, 1]), "soft attention should move between steps"
+    mean_decoder = make_decoder(attention="mean")
+    with torch.no_grad():
+        _, uniform = mean_decoder(features, captions)
+    torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 9))
+
+
+def test_feature_projection_is_computed_once_per_image_during_search() -> None:
+    decoder = make_decoder()
+    calls: list[tuple[int, ...]] = []
+    decoder.attention_features.register_forward_hook(lambda _m, inputs, _o: calls.append(tuple(inputs[0].shape)))
+    with torch.no_grad():
+        search(decoder, torch.randn(4, 9, 12), SearchOptions(beam_size=3, max_length=6))
+    assert len(calls) == 1, "W_a a_i must be cached, not recomputed at each step"
+
+
+def test_dropout_is_active_only_in_training_mode() -> None:
+    decoder = make_decoder()
+    features, captions = torch.randn(2, 9, 12), torch.randint(4, 30, (2, 6))
+    decoder.train()
+    torch.manual_seed(1)
+    first, _ = decoder(features, captions)
+    torch.manual_seed(2)
+    second, _ = decoder(features, captions)
+    assert not torch.allclose(first, second)
+    decoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(features, captions)[0], decoder(features, captions)[0])
+
+
+def test_loss_ignores_padding_and_adds_the_doubly_stochastic_penalty() -> None:
+    logits = torch.randn(2, 4, 30)
+    targets = torch.tensor([[5, 6, 2, 0], [7, 2, 0, 0]])
+    alphas = torch.softmax(torch.randn(2, 4, 9), dim=2)
+    total, cross_entropy = caption_loss(logits, targets, alphas, attention_penalty=0.7)
+    mask = targets != 0
+    expected_ce = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+    torch.testing.assert_close(cross_entropy, expected_ce)
+    coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)
+    expected_penalty = ((1 - coverage) ** 2).sum(dim=1).mean()
+    torch.testing.assert_close(total, expected_ce + 0.7 * expected_penalty)
+    changed_padding = logits.clone()
+    changed_padding[1, 3] = 100.0  # a padded position: must not change the loss
+    torch.testing.assert_close(caption_loss(changed_padding, targets, alphas, 0.7)[0], total)
+    without, _ = caption_loss(logits, targets, alphas, attention_penalty=0.0)
+    torch.testing.assert_close(without, expected_ce)
+
+
+def test_invalid_configurations_are_refused() -> None:
+    with pytest.raises(ValueError, match="cell"):
+        DecoderConfig(vocab_size=10, feature_dim=4, cell="rnn")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_layers"):
+        DecoderConfig(vocab_size=10, feature_dim=4, num_layers=0)
+    with pytest.raises(ValueError, match="dropout"):
+        DecoderConfig(vocab_size=10, feature_dim=4, dropout=1.0)

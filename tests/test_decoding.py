@@ -1,0 +1,142 @@
+"""Greedy, batched beam search and sampling over one decoder step function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captioner.config import DecoderConfig
+from captioner.decoder import Decoder
+from captioner.decoding import SearchOptions, search
+from captioner.errors import OptionError
+from captioner.vocab import END_ID, PAD_ID, START_ID
+
+
+def make_decoder(seed: int = 0, dtype: torch.dtype = torch.float32, end_bias: float = 0.0) -> Decoder:
+    torch.manual_seed(seed)
+    config = DecoderConfig(vocab_size=40, feature_dim=12, embed_dim=8, attention_dim=10, hidden_dim=16, dropout=0.0)
+    decoder = Decoder(config).eval().to(dtype)
+    with torch.no_grad():
+        decoder.output.bias[END_ID] += end_bias  # makes captions end sooner (>0) or never (<<0)
+    return decoder
+
+
+def features(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, 9, 12, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("beam_size", [1, 2, 4])
+def test_batched_search_equals_one_image_at_a_time(dtype: torch.dtype, tolerance: float, beam_size: int) -> None:
+    # Scores can differ in the last bits only: BLAS sums in a batch-size dependent order.
+    decoder = make_decoder(dtype=dtype, end_bias=1.0)
+    images = features(7, dtype=dtype)
+    options = SearchOptions(beam_size=beam_size, max_length=12, n_best=beam_size)
+    with torch.no_grad():
+        batched = search(decoder, images, options)
+        single = [search(decoder, images[i : i + 1], options)[0] for i in range(7)]
+    lengths = {len(h.tokens) for hyps in batched for h in hyps}
+    assert len(lengths) > 1, "the images should finish at different steps, exercising batch shrinking"
+    for together, alone in zip(batched, single, strict=True):
+        assert [h.tokens for h in together] == [h.tokens for h in alone]
+        for a, b in zip(together, alone, strict=True):
+            assert abs(a.score - b.score) <= tolerance
+            assert abs(a.log_prob - b.log_prob) <= tolerance
+            torch.testing.assert_close(a.attention, b.attention, rtol=0, atol=tolerance)
+
+
+def test_beam_size_one_equals_greedy_and_beam_search_finds_no_worse() -> None:
+    decoder = make_decoder(end_bias=1.5)
+    images = features(6)
+    with torch.no_grad():
+        greedy = search(decoder, images, SearchOptions(beam_size=1, max_length=10, length_penalty=0.0))
+        beam1 = search(decoder, images, SearchOptions(beam_size=1, max_length=10, length_penalty=0.0))
+        beam5 = search(decoder, images, SearchOptions(beam_size=5, max_length=10, length_penalty=0.0))
+        # A manual argmax decode through the public step function, as the reference.
+        memory, state = decoder.init_state(images[:1])
+        token, manual = torch.tensor([START_ID]), []
+        for _ in range(11):
+            step = decoder.step(token, state, memory)
+            state = step.state
+            logits = decoder.logits(step.output)
+            logits[:, [PAD_ID, START_ID]] = float("-inf")
+            token = logits.argmax(dim=1)
+            manual.append(int(token))
+            if int(token) == END_ID:
+                break
+    assert greedy[0][0].tokens == manual
+    assert [h[0].tokens for h in greedy] == [h[0].tokens for h in beam1]
+    for g, b in zip(greedy, beam5, strict=True):
+        assert b[0].log_prob >= g[0].log_prob - 1e-5, "a wider beam must not find a less probable caption"
+
+
+def test_n_best_is_sorted_distinct_and_scored_by_length_penalty() -> None:
+    decoder = make_decoder(end_bias=2.0)
+    with torch.no_grad():
+        results = search(decoder, features(3), SearchOptions(beam_size=4, n_best=4, max_length=10, length_penalty=0.7))
+    for hyps in results:
+        assert len(hyps) == 4
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == 4
+        for h in hyps:
+            assert h.tokens[-1] == END_ID
+            assert h.score == pytest.approx(h.log_prob / len(h.tokens) ** 0.7)
+            assert h.attention.shape == (len(h.tokens), 9)
+            torch.testing.assert_close(h.attention.sum(dim=1), torch.ones(len(h.tokens)))
+
+
+@pytest.mark.parametrize(
+    "options", [SearchOptions(beam_size=1), SearchOptions(beam_size=3, n_best=3), SearchOptions(sample=True)]
+)
+def test_a_result_even_when_no_end_token_is_ever_chosen(options: SearchOptions) -> None:
+    decoder = make_decoder(end_bias=-1e4)
+    options = SearchOptions(**{**options.__dict__, "max_length": 7})
+    with torch.no_grad():
+        results = search(decoder, features(2), options, torch.Generator().manual_seed(0))
+    for hyps in results:
+        assert len(hyps) == options.n_best
+        for h in hyps:
+            assert h.truncated
+            assert len(h.tokens) == 8 and h.tokens[-1] == END_ID and END_ID not in h.tokens[:-1]
+            assert PAD_ID not in h.tokens and START_ID not in h.tokens
+
+
+def test_sampling_gives_variety_and_is_reproducible_with_a_seed() -> None:
+    decoder = make_decoder(end_bias=1.0)
+    images = features(1).expand(12, 9, 12)
+    options = SearchOptions(sample=True, temperature=1.5, max_length=10)
+    with torch.no_grad():
+        first = search(decoder, images, options, torch.Generator().manual_seed(3))
+        again = search(decoder, images, options, torch.Generator().manual_seed(3))
+        greedy = search(decoder, images, SearchOptions(beam_size=1, max_length=10))
+        top1 = search(decoder, images, SearchOptions(sample=True, top_k=1, max_length=10), torch.Generator())
+    assert [h[0].tokens for h in first] == [h[0].tokens for h in again]
+    assert len({tuple(h[0].tokens) for h in first}) > 3, "sampling should vary where argmax cannot"
+    assert len({tuple(h[0].tokens) for h in greedy}) == 1
+    assert [h[0].tokens for h in top1] == [h[0].tokens for h in greedy], "top-k 1 sampling is greedy"
+
+
+def test_sampling_n_best_returns_that_many_sorted_samples() -> None:
+    decoder = make_decoder(end_bias=1.0)
+    with torch.no_grad():
+        results = search(decoder, features(2), SearchOptions(sample=True, n_best=5), torch.Generator().manual_seed(0))
+    assert [len(h) for h in results] == [5, 5]
+    for hyps in results:
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"beam_size": 0}, "beam_size"),
+        ({"max_length": 0}, "max_length"),
+        ({"beam_size": 2, "n_best": 3}, "n_best"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"length_penalty": float("nan")}, "length_penalty"),
+    ],
+)
+def test_bad_options_raise_option_error(kwargs: dict, word: str) -> None:
+    with pytest.raises(OptionError, match=word):
+        SearchOptions(**kwargs)

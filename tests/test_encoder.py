@@ -1,0 +1,94 @@
+"""The backbone registry: shapes, preprocessing, offline pretrained weights, freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from captioner.config import EncoderConfig
+from captioner.encoder import BACKBONES, Encoder, build_lite0_classifier, grid_size_for, preprocessing_for
+
+# (backbone, image size, grid, channels) as documented in the registry: ResNets pool a 448 px input to
+# 14x14, the others keep their natural stride-32 grid.
+EXPECTED = {
+    "resnet50": (448, 14, 2048),
+    "resnet101": (448, 14, 2048),
+    "resnet152": (448, 14, 2048),
+    "mobilenet_v3_large": (224, 7, 960),
+    "efficientnet_b0": (224, 7, 1280),
+    "efficientnet_b1": (240, 8, 1280),
+    "efficientnet_b2": (288, 9, 1408),
+    "efficientnet_b3": (300, 10, 1536),
+    "convnext_tiny": (224, 7, 768),
+    "efficientnet_lite0": (224, 7, 1280),
+}
+
+
+def test_the_registry_is_the_documented_one() -> None:
+    assert set(BACKBONES) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_backbone_builds_and_returns_batch_regions_channels(name: str) -> None:
+    size, grid, channels = EXPECTED[name]
+    config = EncoderConfig(backbone=name, weights=None)
+    assert preprocessing_for(config).image_size == size
+    encoder = Encoder(config).eval()
+    with torch.no_grad():
+        features = encoder(torch.randn(2, 3, size, size))
+    assert features.shape == (2, grid * grid, channels)
+    assert encoder.frozen and encoder.grid_size == grid
+
+
+def test_grid_and_image_size_are_configurable() -> None:
+    config = EncoderConfig(backbone="efficientnet_lite0", weights=None, grid_size=4)
+    assert grid_size_for(config) == 4
+    with torch.no_grad():
+        assert Encoder(config)(torch.randn(1, 3, 224, 224)).shape == (1, 16, 1280)
+    resized = EncoderConfig(backbone="mobilenet_v3_large", weights=None, image_size=320)
+    assert preprocessing_for(resized).image_size == 320 and grid_size_for(resized) == 10
+
+
+def test_unknown_backbone_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown backbone 'vgg'"):
+        Encoder(EncoderConfig(backbone="vgg", weights=None))
+
+
+def test_lite0_classifies_a_photo_with_its_packaged_imagenet_weights_offline() -> None:
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photo")
+    classifier = build_lite0_classifier("packaged").eval()
+    preprocessing = preprocessing_for(EncoderConfig())
+    photo = Image.fromarray(skimage_data.chelsea())  # a tabby cat
+    with torch.no_grad():
+        probabilities = classifier(preprocessing(photo).unsqueeze(0)).softmax(dim=1)[0]
+    cats = list(range(281, 286))  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert int(probabilities.argmax()) in cats
+    assert float(probabilities[cats].sum()) > 0.8
+    # The captioning encoder uses the same trunk with the head removed.
+    encoder = Encoder(EncoderConfig(weights="packaged")).eval()
+    assert not any("_fc" in name for name, _ in encoder.named_parameters())
+    with torch.no_grad():
+        expected = classifier.extract_features(preprocessing(photo).unsqueeze(0)).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(encoder(preprocessing(photo).unsqueeze(0)), expected)
+
+
+def test_fine_tuning_unfreezes_only_the_last_stages_and_batch_norm_stays_in_eval() -> None:
+    encoder = Encoder(EncoderConfig(backbone="resnet50", weights=None, fine_tune_stages=1))
+    trainable = {name.split(".")[1] for name, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"4"}, "only layer4 (the last stage of body) should train"
+    encoder.train()
+    assert not any(m.training for m in encoder.body.modules()), "batch norm keeps its ImageNet statistics"
+    with pytest.raises(ValueError, match="fine_tune_stages"):
+        encoder.set_fine_tuning(6)
+
+
+def test_preprocessing_squashes_the_whole_image_and_normalises() -> None:
+    preprocessing = preprocessing_for(EncoderConfig(backbone="resnet50"))
+    image = Image.new("RGB", (640, 100), (255, 0, 0))
+    image.paste((0, 0, 255), (600, 0, 640, 100))  # a blue strip at the far right must survive
+    pixels = preprocessing(image)
+    assert pixels.shape == (3, 448, 448)
+    red = (1.0 - 0.485) / 0.229
+    assert pixels[0, 200, 10].item() == pytest.approx(red, abs=1e-4)
+    assert pixels[2, 200, -1].item() > 2.0, "no centre crop: the right edge is still in the input"

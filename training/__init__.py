@@ -1,0 +1,1 @@
+"""Data preparation, training and evaluation of captioner models."""

@@ -43,7 +43,11 @@ class State:
 
 @dataclass(frozen=True)
 class Step:
-    output: torch.Tensor  # (B, E) deep output pre-activation, or (B, H) for the plain output layer
+    """One decoder step: the new state and what the output layer reads (see ``Decoder.logits``)."""
+
+    embedded: torch.Tensor  # (B, E) embedding of the word read at this step, E y_{t-1}
+    hidden: torch.Tensor  # (B, H) top layer's new hidden state h_t
+    context: torch.Tensor  # (B, C) gated context z_t
     state: State
     alpha: torch.Tensor  # (B, R) attention weights of this step
 
@@ -112,37 +116,43 @@ class Decoder(nn.Module):
         layer_input = torch.cat([embedded, context], dim=1)  # (B, E + C)
         hs, cs = [], []
         for i, cell in enumerate(self.cells):
+            if i > 0:
+                layer_input = self.dropout(hs[-1])  # (B, H)
             if state.c is None:
                 h = cell(layer_input, state.h[i])  # (B, H)
             else:
                 h, c = cell(layer_input, (state.h[i], state.c[i]))  # (B, H), (B, H)
                 cs.append(c)
             hs.append(h)
-            layer_input = self.dropout(h)  # (B, H)
         new_state = State(torch.stack(hs), torch.stack(cs) if cs else None)  # (L, B, H)
-        if self.config.deep_output:
-            output = embedded + self.output_hidden(self.dropout(hs[-1])) + self.output_context(context)  # (B, E)
-        else:
-            output = hs[-1]  # (B, H)
-        return Step(output, new_state, alpha)
+        return Step(embedded, hs[-1], context, new_state, alpha)
 
-    def logits(self, output: torch.Tensor) -> torch.Tensor:
-        """Step outputs (..., E or H) -> word logits (..., V). Separate from ``step`` so teacher forcing
-        projects all time steps in one large matrix multiply."""
-        return self.output(self.dropout(output))
+    def logits(self, embedded: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The output layer on a step's (..., E), (..., H), (..., C) -> word logits (..., V).
+
+        Nothing here feeds back into the recurrence, so teacher forcing applies it to all time steps
+        at once, as a few large matrix multiplies instead of T small ones."""
+        if not self.config.deep_output:
+            return self.output(self.dropout(hidden))  # (..., V)
+        deep = embedded + self.output_hidden(self.dropout(hidden)) + self.output_context(context)  # (..., E)
+        return self.output(self.dropout(deep))  # (..., V)
+
+    def step_logits(self, step: Step) -> torch.Tensor:
+        return self.logits(step.embedded, step.hidden, step.context)  # (B, V)
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing. ``captions`` (B, T) holds ``<start> w1 .. wn <end> <pad>..``; the logits
         (B, T-1, V) predict ``captions[:, 1:]``; the attention weights are (B, T-1, R)."""
         memory, state = self.init_state(features)
-        outputs, alphas = [], []
+        steps = []
         for t in range(captions.shape[1] - 1):
-            step = self.step(captions[:, t], state, memory)
-            state = step.state
-            outputs.append(step.output)
-            alphas.append(step.alpha)
-        logits = self.logits(torch.stack(outputs, dim=1))  # (B, T-1, V)
-        return logits, torch.stack(alphas, dim=1)  # (B, T-1, V), (B, T-1, R)
+            steps.append(self.step(captions[:, t], state, memory))
+            state = steps[-1].state
+        embedded = torch.stack([s.embedded for s in steps], dim=1)  # (B, T-1, E)
+        hidden = torch.stack([s.hidden for s in steps], dim=1)  # (B, T-1, H)
+        context = torch.stack([s.context for s in steps], dim=1)  # (B, T-1, C)
+        logits = self.logits(embedded, hidden, context)  # (B, T-1, V)
+        return logits, torch.stack([s.alpha for s in steps], dim=1)  # (B, T-1, V), (B, T-1, R)
 
 
 def caption_loss(

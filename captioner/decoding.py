@@ -95,7 +95,7 @@ def _next_log_probs(
     decoder: Decoder, tokens: torch.Tensor, state: State, memory: Memory, force_end: bool
 ) -> tuple[torch.Tensor, State, torch.Tensor]:
     step = decoder.step(tokens, state, memory)
-    logits = decoder.logits(step.output)  # (N, V)
+    logits = decoder.step_logits(step)  # (N, V)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # half precision is too coarse for summing log-probabilities
     logits[:, [PAD_ID, START_ID]] = float("-inf")  # <pad> and <start> are never words of a caption

@@ -39,7 +39,7 @@ def test_teacher_forced_logits_equal_step_by_step_decoding(overrides: dict) -> N
         for t in range(captions.shape[1] - 1):
             step = decoder.step(captions[:, t], state, memory)
             state = step.state
-            torch.testing.assert_close(decoder.logits(step.output), logits[:, t], rtol=0, atol=1e-6)
+            torch.testing.assert_close(decoder.step_logits(step), logits[:, t], rtol=0, atol=1e-6)
             torch.testing.assert_close(step.alpha, alphas[:, t], rtol=0, atol=1e-7)
     assert logits.shape == (3, 6, 30) and alphas.shape == (3, 6, 9)
 

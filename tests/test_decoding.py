@@ -58,7 +58,7 @@ def test_beam_size_one_equals_greedy_and_beam_search_finds_no_worse() -> None:
         for _ in range(11):
             step = decoder.step(token, state, memory)
             state = step.state
-            logits = decoder.logits(step.output)
+            logits = decoder.step_logits(step)
             logits[:, [PAD_ID, START_ID]] = float("-inf")
             token = logits.argmax(dim=1)
             manual.append(int(token))

@@ -473,11 +473,12 @@ def _check_arguments(
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     _check_image_size(image_size)
+    # Fractions may sum to 1: an evaluation-only set (e.g. --test-fraction 1) has no training images.
     for name, fraction in (("val fraction", val_fraction), ("test fraction", test_fraction)):
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {fraction!r}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError("val and test fractions together must leave some images for training")
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {fraction!r}")
+    if val_fraction + test_fraction > 1.0:
+        raise ValueError("val and test fractions together must not exceed 1")
     if not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 95:
         raise ValueError(f"JPEG quality must be an integer from 1 to 95, got {jpeg_quality!r}")
 

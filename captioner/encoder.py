@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torch import nn
 
@@ -69,9 +68,16 @@ class BackboneSpec:
     build: Callable[[str | None], Backbone]
 
 
+def _torchvision_model(name: str, weights: str | None) -> nn.Module:
+    # Imported here: torchvision takes seconds to import and the default backbone does not need it.
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=weights)
+
+
 def _resnet(name: str) -> Callable[[str | None], Backbone]:
     def build(weights: str | None) -> Backbone:
-        net = torchvision.models.get_model(name, weights=weights)
+        net = _torchvision_model(name, weights)
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         stages = [stem, net.layer1, net.layer2, net.layer3, net.layer4]
         return Backbone(nn.Sequential(*stages), stages, 2048)
@@ -83,7 +89,7 @@ def _features_of(name: str, channels: int) -> Callable[[str | None], Backbone]:
     """torchvision models whose convolutional trunk is ``.features``, a sequence of stages."""
 
     def build(weights: str | None) -> Backbone:
-        net = torchvision.models.get_model(name, weights=weights)
+        net = _torchvision_model(name, weights)
         return Backbone(net.features, list(net.features.children()), channels)
 
     return build

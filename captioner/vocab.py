@@ -10,20 +10,26 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-from nltk.tokenize import WhitespaceTokenizer
+from functools import cache
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)  # fixed: every vocabulary starts with SPECIAL_TOKENS
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
-_WHITESPACE = WhitespaceTokenizer()
+
+
+@cache
+def _whitespace_tokenizer():  # noqa: ANN202 - nltk.tokenize.WhitespaceTokenizer
+    # nltk takes seconds to import; inference never tokenizes, so only training and scoring pay for it.
+    from nltk.tokenize import WhitespaceTokenizer
+
+    return WhitespaceTokenizer()
 
 
 def tokenize(text: str) -> list[str]:
     """Lowercase, drop punctuation and split: ``"A dog, running!"`` -> ``["a", "dog", "running"]``."""
-    return _WHITESPACE.tokenize(text.lower().translate(_PUNCTUATION))
+    return _whitespace_tokenizer().tokenize(text.lower().translate(_PUNCTUATION))
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ def save_model(
 def _atomic_write(target: Path, write: Any) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(handle)
+    os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; a model directory is meant to be shared
     try:
         write(Path(temporary))
         os.replace(temporary, target)

@@ -266,9 +266,7 @@ def attention_grounding(
     objs = _check_objects(objects)
     attention = np.asarray(attention)
     if attention.ndim != 3 or attention.shape[0] < len(words) or min(attention.shape[1:], default=0) < 1:
-        raise ValueError(
-            f"attention must have shape (steps >= {len(words)}, grid_h, grid_w), got {attention.shape}"
-        )
+        raise ValueError(f"attention must have shape (steps >= {len(words)}, grid_h, grid_w), got {attention.shape}")
     if not np.all(np.isfinite(attention)):
         raise ValueError("attention contains NaN or infinite values")
     width, height = _image_dimensions(image_size)

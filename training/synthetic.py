@@ -351,9 +351,7 @@ def _identifiable_pairs(objects: Sequence[SceneObject]) -> list[tuple[int, int]]
     kinds = Counter((o.colour, o.shape) for o in objects)
     sized = Counter((o.size, o.colour, o.shape) for o in objects)
     single = [
-        i
-        for i, o in enumerate(objects)
-        if kinds[(o.colour, o.shape)] == 1 or sized[(o.size, o.colour, o.shape)] == 1
+        i for i, o in enumerate(objects) if kinds[(o.colour, o.shape)] == 1 or sized[(o.size, o.colour, o.shape)] == 1
     ]
     return [(i, j) for k, i in enumerate(single) for j in single[k + 1 :]]
 
@@ -460,9 +458,7 @@ def _relation_caption(scene: Scene, stated: Relation, rng: np.random.Generator) 
 
 def _check_image_size(image_size: int) -> None:
     if not isinstance(image_size, int) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(
-            f"image size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}"
-        )
+        raise ValueError(f"image size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}")
 
 
 def _check_arguments(

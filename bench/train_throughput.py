@@ -6,7 +6,7 @@
 Trains the attention decoder from random features, as training from the feature cache does
 (forward, loss with the attention penalty, backward, gradient clipping, Adam step), and reports
 tokens per second. MFU is the useful FLOPs per second of that training (the matrix multiplies of
-the model, counted below, times 3 for forward + backward) over this machine's float32
+the model, forward and backward, counted in ``training_flops_per_caption``) over this machine's float32
 matrix-multiply FLOP/s, measured in the same run. Element-wise work (tanh, softmax, the LSTM gates)
 is not counted as useful. The last line printed is one JSON object.
 """
@@ -40,7 +40,12 @@ def matmul_flops_per_second(device: torch.device, size: int = 2048, seconds: flo
 
 
 def training_flops_per_caption(config: DecoderConfig, regions: int, steps: int) -> float:
-    """Matrix-multiply FLOPs of one teacher-forced caption of ``steps`` words, forward + backward."""
+    """Matrix-multiply FLOPs of one teacher-forced caption of ``steps`` words, forward + backward.
+
+    Per step the backward pass costs twice the forward (gradients of inputs and of weights). The
+    per-image work (W_a a_i and the initial state) reads frozen-encoder features that need no
+    gradient, so its backward is the weight gradient alone: twice its forward in all, not three times.
+    """
     C, A, H, E, V = config.feature_dim, config.attention_dim, config.hidden_dim, config.embed_dim, config.vocab_size
     gates = 4 if config.cell == "lstm" else 3
     per_image = 2 * regions * C * A + 2 * C * H * (2 if config.cell == "lstm" else 1)  # W_a a_i, init h/c
@@ -51,7 +56,7 @@ def training_flops_per_caption(config: DecoderConfig, regions: int, steps: int) 
         + 2 * gates * H * (E + C + H)  # the recurrent cell
         + (2 * H * E + 2 * C * E + 2 * E * V if config.deep_output else 2 * H * V)  # output layer
     )
-    return 3.0 * (per_image + steps * per_step)
+    return 2.0 * per_image + 3.0 * steps * per_step
 
 
 def measure_training(args: argparse.Namespace, device: torch.device) -> tuple[float, float]:

@@ -189,21 +189,16 @@ def captions_for(scene: Scene, rng: np.random.Generator) -> list[str]:
     """Five captions, distinct where the wording allows, each at most 16 words.
 
     Every caption names every object by colour and shape, with a number where objects repeat. In a
-    scene with a relation, three captions state it (either way round: "A left of B" or "B right of
-    A") and two list the objects; otherwise all five list them. Objects that share colour and shape
-    with another are named with their size when named one by one, so each phrase is unambiguous.
+    scene with a relation, every caption states it (either way round: "A left of B" or "B right of
+    A"), so that stating where things are is what a model learns to do; otherwise the captions list
+    the objects. Objects that share colour and shape with another are named with their size when
+    named one by one, so each phrase is unambiguous.
     """
     relation = scene.relation
-    stating = [False] * CAPTIONS_PER_IMAGE
-    if relation is not None:
-        stating = [bool(s) for s in rng.permutation([0, 0, 1, 1, 1])]
     captions: list[str] = []
     attempts = 0
     while len(captions) < CAPTIONS_PER_IMAGE:
-        if relation is not None and stating[len(captions)]:
-            text = _relation_caption(scene, relation, rng)
-        else:
-            text = _list_caption(scene, rng)
+        text = _relation_caption(scene, relation, rng) if relation is not None else _list_caption(scene, rng)
         attempts += 1
         if len(tokenize(text)) > MAX_CAPTION_WORDS:
             continue

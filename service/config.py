@@ -1,0 +1,262 @@
+"""Settings of the caption service, read from ``CAPTIONER_*`` environment variables.
+
+Environment variables are how ``python -m service`` hands its options to the gunicorn workers (which
+exec, fork and import the application anew) and how containers are configured, so they are the one
+source of configuration. This module deliberately imports nothing heavy (no torch, no captioner):
+the gunicorn master and ``python -m service`` read it too, and they must stay small and fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+_Number = TypeVar("_Number", int, float)
+
+DEFAULT_BEAM_SIZE = 3
+DEFAULT_MAX_LENGTH = 20
+
+
+class ConfigError(ValueError):
+    """A setting with a value outside its allowed range; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What one application instance (one gunicorn worker) needs to serve captions.
+
+    ``model_dir`` None loads the captioner's default model. ``max_pixels`` None keeps the captioner's
+    own bound on decoded image size. ``queue_size`` counts images waiting for the model, so the memory
+    held by waiting requests is bounded whatever the traffic. ``torch_threads`` None leaves torch's
+    own setting. ``encoder_batch_size`` splits a batch for the CNN encoder only (None: 4 on a CPU,
+    the whole batch on a GPU; see ``ModelRuntime``). ``api_key`` is kept out of ``repr`` so it never
+    lands in a log line.
+    """
+
+    model_dir: str | None = None
+    device: str = "auto"
+    max_batch_size: int = 16
+    max_wait_ms: float = 10.0
+    queue_size: int = 64
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int | None = None
+    max_images: int = 16
+    max_beam_size: int = 10
+    max_caption_length: int = 50
+    request_timeout_s: float = 60.0
+    torch_threads: int | None = None
+    encoder_batch_size: int | None = None
+    api_key: str | None = field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_range("max_batch_size", self.max_batch_size, 1, 1024)
+        _check_range("max_wait_ms", self.max_wait_ms, 0.0, 10_000.0)
+        _check_range("queue_size", self.queue_size, 1, 100_000)
+        _check_range("max_upload_bytes", self.max_upload_bytes, 1024, 2**40)
+        if self.max_pixels is not None:
+            _check_range("max_pixels", self.max_pixels, 1, 2**40)
+        _check_range("max_images", self.max_images, 1, 1024)
+        _check_range("max_beam_size", self.max_beam_size, 1, 50)
+        _check_range("max_caption_length", self.max_caption_length, 1, 200)
+        _check_range("request_timeout_s", self.request_timeout_s, 0.001, 86_400.0)
+        if self.torch_threads is not None:
+            _check_range("torch_threads", self.torch_threads, 1, 1024)
+        if self.encoder_batch_size is not None:
+            _check_range("encoder_batch_size", self.encoder_batch_size, 1, 1024)
+        if self.max_images > self.queue_size:
+            raise ConfigError(
+                f"max_images ({self.max_images}) must not exceed queue_size ({self.queue_size}): "
+                "such a request could never be queued"
+            )
+
+    @property
+    def default_beam_size(self) -> int:
+        """The captioner's default beam, lowered when the operator capped beams below it."""
+        return min(DEFAULT_BEAM_SIZE, self.max_beam_size)
+
+    @property
+    def default_max_length(self) -> int:
+        return min(DEFAULT_MAX_LENGTH, self.max_caption_length)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+        """Read every setting from ``environ`` (default ``os.environ``); unset or empty means default."""
+        env = _Env(os.environ if environ is None else environ)
+        defaults = cls()
+        try:
+            return cls(
+                model_dir=env.text("CAPTIONER_MODEL_DIR"),
+                device=env.text("CAPTIONER_DEVICE") or defaults.device,
+                max_batch_size=env.integer("CAPTIONER_MAX_BATCH_SIZE", defaults.max_batch_size),
+                max_wait_ms=env.number("CAPTIONER_MAX_WAIT_MS", defaults.max_wait_ms),
+                queue_size=env.integer("CAPTIONER_QUEUE_SIZE", defaults.queue_size),
+                max_upload_bytes=env.integer("CAPTIONER_MAX_UPLOAD_BYTES", defaults.max_upload_bytes),
+                max_pixels=env.optional_integer("CAPTIONER_MAX_PIXELS"),
+                max_images=env.integer("CAPTIONER_MAX_IMAGES", defaults.max_images),
+                max_beam_size=env.integer("CAPTIONER_MAX_BEAM_SIZE", defaults.max_beam_size),
+                max_caption_length=env.integer("CAPTIONER_MAX_LENGTH", defaults.max_caption_length),
+                request_timeout_s=env.number("CAPTIONER_REQUEST_TIMEOUT_S", defaults.request_timeout_s),
+                torch_threads=env.optional_integer("CAPTIONER_TORCH_THREADS"),
+                encoder_batch_size=env.optional_integer("CAPTIONER_ENCODER_BATCH_SIZE"),
+                api_key=env.text("CAPTIONER_API_KEY"),
+                cors_origins=env.origins("CAPTIONER_CORS_ORIGINS"),
+            )
+        except ConfigError as error:
+            # Name the variable rather than the field: that is what the operator has to fix.
+            raise ConfigError(env.rename(str(error))) from None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How gunicorn runs the application: the address, and the worker processes and their threads.
+
+    Each worker loads its own copy of the model; its ``threads`` serve requests concurrently, which is
+    what lets the dynamic batcher gather several requests into one model call, so there should be at
+    least as many threads as the batch size.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    threads: int = 16
+    graceful_timeout_s: int = 30
+    access_log: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("host must not be empty")
+        _check_range("port", self.port, 0, 65535)
+        _check_range("workers", self.workers, 1, 256)
+        _check_range("threads", self.threads, 1, 1024)
+        _check_range("graceful_timeout_s", self.graceful_timeout_s, 1, 3600)
+        if self.log_level not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError(f"log_level must be debug, info, warning, error or critical, not {self.log_level!r}")
+
+    @property
+    def bind(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address needs brackets
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerSettings:
+        env = _Env(os.environ if environ is None else environ)
+        defaults = cls()
+        try:
+            return cls(
+                host=env.text("CAPTIONER_HOST") or defaults.host,
+                port=env.integer("CAPTIONER_PORT", defaults.port),
+                workers=env.integer("CAPTIONER_WORKERS", defaults.workers),
+                threads=env.integer("CAPTIONER_THREADS", defaults.threads),
+                graceful_timeout_s=env.integer("CAPTIONER_GRACEFUL_TIMEOUT_S", defaults.graceful_timeout_s),
+                access_log=env.boolean("CAPTIONER_ACCESS_LOG", defaults.access_log),
+                log_level=(env.text("CAPTIONER_LOG_LEVEL") or defaults.log_level).lower(),
+            )
+        except ConfigError as error:
+            raise ConfigError(env.rename(str(error))) from None
+
+
+# Field name -> environment variable, so range errors raised by __post_init__ name the variable.
+_VARIABLES = {
+    "max_batch_size": "CAPTIONER_MAX_BATCH_SIZE",
+    "max_wait_ms": "CAPTIONER_MAX_WAIT_MS",
+    "queue_size": "CAPTIONER_QUEUE_SIZE",
+    "max_upload_bytes": "CAPTIONER_MAX_UPLOAD_BYTES",
+    "max_pixels": "CAPTIONER_MAX_PIXELS",
+    "max_images": "CAPTIONER_MAX_IMAGES",
+    "max_beam_size": "CAPTIONER_MAX_BEAM_SIZE",
+    "max_caption_length": "CAPTIONER_MAX_LENGTH",
+    "request_timeout_s": "CAPTIONER_REQUEST_TIMEOUT_S",
+    "torch_threads": "CAPTIONER_TORCH_THREADS",
+    "encoder_batch_size": "CAPTIONER_ENCODER_BATCH_SIZE",
+    "host": "CAPTIONER_HOST",
+    "port": "CAPTIONER_PORT",
+    "workers": "CAPTIONER_WORKERS",
+    "threads": "CAPTIONER_THREADS",
+    "graceful_timeout_s": "CAPTIONER_GRACEFUL_TIMEOUT_S",
+    "log_level": "CAPTIONER_LOG_LEVEL",
+}
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(text: str) -> bool | None:
+    """``true/false``, ``1/0``, ``yes/no``, ``on/off`` in any case; None for anything else."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    return None
+
+
+def _check_range(name: str, value: _Number, low: _Number, high: _Number) -> None:
+    if isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{name} must lie between {low} and {high}, got {value!r}")
+
+
+class _Env:
+    """Typed access to environment variables; every parse error names the variable and its value."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def integer(self, name: str, default: int) -> int:
+        value = self.optional_integer(name)
+        return default if value is None else value
+
+    def optional_integer(self, name: str) -> int | None:
+        text = self.text(name)
+        if text is None:
+            return None
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {text!r}") from None
+
+    def number(self, name: str, default: float) -> float:
+        text = self.text(name)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {text!r}") from None
+        if value != value:  # NaN passes every range check, so refuse it here
+            raise ConfigError(f"{name} must be a number, got {text!r}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        text = self.text(name)
+        if text is None:
+            return default
+        value = parse_bool(text)
+        if value is None:
+            raise ConfigError(f"{name} must be true or false, got {text!r}")
+        return value
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list of origins such as ``https://example.org``, or ``*`` for any."""
+        text = self.text(name)
+        if text is None:
+            return ()
+        origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+        for origin in origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"{name} entries must be '*' or start with http:// or https://, got {origin!r}")
+        return origins
+
+    @staticmethod
+    def rename(message: str) -> str:
+        """Replace a leading field name by its environment variable."""
+        field_name, _, rest = message.partition(" ")
+        variable = _VARIABLES.get(field_name)
+        return f"{variable} ({field_name}) {rest}" if variable else message

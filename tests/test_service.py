@@ -1,0 +1,532 @@
+"""The caption service through Flask's test client: parsing, validation, errors, auth, CORS, metrics, docs.
+
+The real gunicorn server is exercised in test_service_server.py; these tests reach the corners of
+the application directly and quickly, with one tiny model shared by every application.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+
+from captioner import Captioner
+from service import ServiceConfig, create_app
+from service.__main__ import build_parser, environment, main
+from service.config import ConfigError, ServerSettings
+from service.metrics import ServiceMetrics
+from service.runtime import runtime_of
+
+FAST = {"beam_size": "1", "max_length": "3"}
+
+
+def png(seed: int = 0, size: int = 64, flat: bool = False) -> bytes:
+    """A noise image (distinct per seed), or a flat one that compresses to a few hundred bytes."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:1, :1].repeat(size, 0).repeat(size, 1) if flat else pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir: Path) -> Captioner:
+    return Captioner.from_pretrained(tiny_model_dir, device="cpu")
+
+
+class Wrapped:
+    """A captioner whose model call can be held or made to fail; everything else is the real one."""
+
+    def __init__(self, inner: Captioner) -> None:
+        self.inner = inner
+        self.fail = False
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def caption_features(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        self.hold.wait(10)
+        if self.fail:
+            raise RuntimeError("simulated failure in /secret/path/model.py")
+        return self.inner.caption_features(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def make_app(captioner: Captioner) -> Iterator[Callable[..., Flask]]:
+    apps: list[Flask] = []
+
+    def build(model: Any = captioner, **settings: Any) -> Flask:
+        app = create_app(ServiceConfig(**({"max_wait_ms": 0.0} | settings)), loader=lambda config: model)
+        assert runtime_of(app).wait_ready(60)
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        runtime_of(app).close(5)
+
+
+@pytest.fixture(scope="module")
+def client(make_app: Callable[..., Flask]) -> FlaskClient:
+    return make_app().test_client()
+
+
+def error_of(response: Any) -> dict[str, str]:
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return body["error"]
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_config_reads_every_variable_and_hides_the_key() -> None:
+    config = ServiceConfig.from_env(
+        {
+            "CAPTIONER_MODEL_DIR": "/models/x",
+            "CAPTIONER_DEVICE": "cpu",
+            "CAPTIONER_MAX_BATCH_SIZE": "8",
+            "CAPTIONER_MAX_WAIT_MS": "2.5",
+            "CAPTIONER_QUEUE_SIZE": "100",
+            "CAPTIONER_MAX_UPLOAD_BYTES": "2_000_000",
+            "CAPTIONER_MAX_PIXELS": "1000000",
+            "CAPTIONER_MAX_BEAM_SIZE": "5",
+            "CAPTIONER_MAX_LENGTH": "30",
+            "CAPTIONER_API_KEY": "s3cret-key",
+            "CAPTIONER_CORS_ORIGINS": "https://a.example, http://b.example/",
+        }
+    )
+    assert (config.model_dir, config.device, config.max_batch_size, config.max_wait_ms) == ("/models/x", "cpu", 8, 2.5)
+    assert (config.queue_size, config.max_upload_bytes, config.max_pixels) == (100, 2_000_000, 1_000_000)
+    assert (config.max_beam_size, config.max_caption_length, config.api_key) == (5, 30, "s3cret-key")
+    assert config.cors_origins == ("https://a.example", "http://b.example")
+    assert "s3cret-key" not in repr(config)
+    assert ServiceConfig.from_env({}) == ServiceConfig()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CAPTIONER_MAX_BATCH_SIZE", "0"),
+        ("CAPTIONER_MAX_BATCH_SIZE", "many"),
+        ("CAPTIONER_MAX_WAIT_MS", "nan"),
+        ("CAPTIONER_QUEUE_SIZE", "-3"),
+        ("CAPTIONER_MAX_BEAM_SIZE", "51"),
+        ("CAPTIONER_CORS_ORIGINS", "example.org"),
+    ],
+)
+def test_a_bad_variable_is_refused_by_name(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        ServiceConfig.from_env({variable: value})
+
+
+def test_server_settings_from_env() -> None:
+    settings = ServerSettings.from_env({"CAPTIONER_HOST": "::1", "CAPTIONER_PORT": "9000", "CAPTIONER_THREADS": "4"})
+    assert (settings.bind, settings.threads, settings.workers) == ("[::1]:9000", 4, 1)
+    with pytest.raises(ConfigError, match="CAPTIONER_PORT"):
+        ServerSettings.from_env({"CAPTIONER_PORT": "70000"})
+
+
+def test_the_command_line_becomes_environment_variables() -> None:
+    args = build_parser().parse_args(
+        ["--host", "0.0.0.0", "--port", "9001", "--workers", "2", "--model", "m", "--max-batch-size", "8"]
+    )
+    env = environment(args, {"CAPTIONER_DEVICE": "cpu", "CAPTIONER_PORT": "1"})
+    assert env["CAPTIONER_HOST"] == "0.0.0.0" and env["CAPTIONER_PORT"] == "9001"  # options win over the environment
+    assert env["CAPTIONER_WORKERS"] == "2" and env["CAPTIONER_MAX_BATCH_SIZE"] == "8"
+    assert Path(env["CAPTIONER_MODEL_DIR"]).is_absolute() and env["CAPTIONER_DEVICE"] == "cpu"
+    assert "CAPTIONER_THREADS" not in env  # not given: gunicorn_config applies the default
+
+
+def test_invalid_settings_stop_python_m_service_before_gunicorn_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--port", "70000"]) == 2
+    assert "CAPTIONER_PORT" in capsys.readouterr().err
+    assert main(["--max-batch-size", "0"]) == 2
+    assert "CAPTIONER_MAX_BATCH_SIZE" in capsys.readouterr().err
+
+
+# --- readiness -------------------------------------------------------------------------------
+
+
+def test_readyz_is_503_until_the_model_is_loaded_while_healthz_answers(captioner: Captioner) -> None:
+    release = threading.Event()
+
+    def slow_loader(config: ServiceConfig) -> Captioner:
+        release.wait(30)
+        return captioner
+
+    app = create_app(ServiceConfig(), loader=slow_loader)
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    loading = client.get("/readyz")
+    assert loading.status_code == 503 and loading.get_json()["status"] == "loading"
+    early = client.post("/predict", data=png(), content_type="image/png")
+    assert early.status_code == 503 and error_of(early)["code"] == "model_loading" and early.headers["Retry-After"]
+    release.set()
+    assert runtime_of(app).wait_ready(60)
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/predict", data=png(), content_type="image/png", query_string=FAST).status_code == 200
+    runtime_of(app).close(5)
+
+
+def test_a_model_that_fails_to_load_keeps_readyz_503_and_says_nothing_internal(tmp_path: Path) -> None:
+    failures: list[BaseException] = []
+    missing = tmp_path / "no-such-model"
+    app = create_app(ServiceConfig(model_dir=str(missing)), on_load_failure=failures.append)
+    runtime = runtime_of(app)
+    deadline = time.monotonic() + 60
+    while not runtime.failed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runtime.failed and len(failures) == 1
+    client = app.test_client()
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.get_json()["status"] == "failed"
+    response = client.post("/predict", data=png(), content_type="image/png")
+    assert response.status_code == 503 and error_of(response)["code"] == "model_unavailable"
+    assert str(tmp_path) not in response.get_data(as_text=True) + ready.get_data(as_text=True)
+
+
+# --- the three ways to send an image ---------------------------------------------------------
+
+
+def test_every_input_form_gives_the_python_api_caption(client: FlaskClient, captioner: Captioner) -> None:
+    first, second = png(1), png(2)
+    expected = [captioner.caption(image) for image in (first, second)]  # defaults: beam 3, max_length 20
+    multipart = client.post("/predict", data={"image": [(io.BytesIO(first), "a.png"), (io.BytesIO(second), "b.png")]})
+    raw = client.post("/predict", data=second, content_type="image/png")
+    encoded = [base64.b64encode(image).decode() for image in (first, second)]
+    as_json = client.post("/predict", json={"images": encoded})
+    data_url = client.post(
+        "/predict", json={"image": "data:image/png;base64," + base64.urlsafe_b64encode(first).decode()}
+    )
+    for response in (multipart, raw, as_json, data_url):
+        assert response.status_code == 200, response.get_data(as_text=True)
+    got = {
+        "multipart": multipart.get_json()["results"],
+        "json": as_json.get_json()["results"],
+    }
+    for results in got.values():
+        assert [r["captions"][0]["caption"] for r in results] == [e.caption for e in expected]
+        assert [r["captions"][0]["score"] for r in results] == pytest.approx([e.score for e in expected], abs=1e-4)
+    assert raw.get_json()["results"][0]["captions"][0]["caption"] == expected[1].caption
+    assert data_url.get_json()["results"][0]["captions"][0]["caption"] == expected[0].caption
+    body = raw.get_json()
+    assert body["model"] == {"name": captioner.info.name, "version": captioner.info.version}
+    assert body["timing_ms"] > 0
+    assert "words" not in body["results"][0]
+
+
+def test_a_batch_encoded_in_slices_gives_the_same_captions(
+    make_app: Callable[..., Flask], captioner: Captioner
+) -> None:
+    images = [png(i) for i in range(3)]
+    client = make_app(encoder_batch_size=1).test_client()
+    response = client.post(
+        "/predict", data={"image": [(io.BytesIO(image), f"{i}.png") for i, image in enumerate(images)]}
+    )
+    assert response.status_code == 200
+    got = [result["captions"][0]["caption"] for result in response.get_json()["results"]]
+    assert got == [result.caption for result in captioner.caption(images)]
+
+
+def test_n_best_and_attention(client: FlaskClient, captioner: Captioner) -> None:
+    image = png(3)
+    expected = captioner.caption(image, beam_size=4, max_length=6, n_best=3)
+    response = client.post(
+        "/predict",
+        data={"image": (io.BytesIO(image), "x.png"), "beam_size": "4", "max_length": "6", "n_best": "3"}
+        | {"attention": "true"},
+    )
+    assert response.status_code == 200
+    result = response.get_json()["results"][0]
+    assert [c["caption"] for c in result["captions"]] == [c.caption for c in expected.n_best]
+    assert len(result["captions"]) == 3
+    g = captioner.grid_size
+    assert result["grid_size"] == g and result["words"] == expected.words
+    attention = np.array(result["attention"])
+    assert attention.shape == (len(expected.words), g, g)
+    assert np.allclose(attention, expected.attention, atol=1e-4)
+    assert np.allclose(attention, np.round(attention, 4))  # rounded to 4 decimals
+    assert np.allclose(attention.sum(axis=(1, 2)), 1.0, atol=g * g * 1e-4)
+
+
+def test_options_may_come_from_the_query_string_of_a_raw_body(client: FlaskClient) -> None:
+    response = client.post("/predict", data=png(), content_type="image/jpeg", query_string={"n_best": "2"})
+    # The Content-Type says JPEG but the bytes are PNG: the decoder trusts the bytes, not the label.
+    assert response.status_code == 200 and len(response.get_json()["results"][0]["captions"]) == 2
+
+
+# --- bad requests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "code"),
+    [
+        ({"beam_size": "0"}, "invalid_option"),
+        ({"beam_size": "11"}, "invalid_option"),  # above the default limit of 10
+        ({"beam_size": "three"}, "invalid_option"),
+        ({"max_length": "51"}, "invalid_option"),
+        ({"beam_size": "2", "n_best": "3"}, "invalid_option"),
+        ({"attention": "maybe"}, "invalid_option"),
+        ({"beam": "3"}, "unknown_option"),
+    ],
+)
+def test_bad_option_values_are_400(client: FlaskClient, options: dict[str, str], code: str) -> None:
+    response = client.post("/predict", data={"image": (io.BytesIO(png()), "x.png")} | options)
+    assert response.status_code == 400 and error_of(response)["code"] == code
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"image": "x", "beam_size": True},
+        {"image": "x", "beam_size": 2.5},
+        {"image": "x", "attention": "sometimes"},
+        {"image": "x", "max_length": [3]},
+    ],
+)
+def test_json_options_must_have_the_right_type(client: FlaskClient, document: dict[str, Any]) -> None:
+    document["image"] = base64.b64encode(png()).decode()
+    response = client.post("/predict", json=document)
+    assert response.status_code == 400 and error_of(response)["code"] == "invalid_option"
+
+
+def test_an_option_given_twice_is_refused(client: FlaskClient) -> None:
+    response = client.post(
+        "/predict", data={"image": (io.BytesIO(png()), "x.png"), "beam_size": "2"}, query_string={"beam_size": "3"}
+    )
+    assert response.status_code == 400 and "2 times" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "code"),
+    [
+        ({}, 400, "missing_image"),
+        ({"data": {"beam_size": "2"}, "content_type": "multipart/form-data"}, 400, "missing_image"),
+        ({"data": {"image": (io.BytesIO(b""), "")}}, 400, "missing_image"),
+        ({"data": {"image": "text, not a file"}, "content_type": "multipart/form-data"}, 400, "invalid_image_field"),
+        ({"json": {"beam_size": 2}}, 400, "missing_image"),
+        ({"json": {"image": "@@not base64@@"}}, 400, "invalid_base64"),
+        ({"json": {"image": 12}}, 400, "invalid_base64"),
+        ({"json": ["a", "list"]}, 400, "invalid_json"),
+        ({"data": b"{not json", "content_type": "application/json"}, 400, "invalid_json"),
+        ({"data": b"[" * 100_000 + b"]" * 100_000, "content_type": "application/json"}, 400, "invalid_json"),
+        ({"data": b"hello", "content_type": "text/plain"}, 415, "unsupported_media_type"),
+        ({"data": b"<svg/>", "content_type": "image/svg+xml"}, 415, "unsupported_media_type"),
+        ({"data": b"x=1", "content_type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+        ({"data": b"plain text, not an image", "content_type": "image/png"}, 422, "not_an_image"),
+        ({"data": png()[:200], "content_type": "image/png"}, 422, "truncated"),
+        ({"data": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "content_type": "image/png"}, 422, "undecodable"),
+    ],
+)
+def test_each_bad_input_has_its_status_and_code(
+    client: FlaskClient, request_kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    response = client.post("/predict", **request_kwargs)
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert error_of(response)["code"] == code
+    assert client.post("/predict", data=png(), content_type="image/png", query_string=FAST).status_code == 200
+
+
+def test_the_failing_image_of_several_is_named(client: FlaskClient) -> None:
+    response = client.post(
+        "/predict", data={"image": [(io.BytesIO(png()), "a.png"), (io.BytesIO(b"garbage"), "b.png")]}
+    )
+    assert response.status_code == 422 and error_of(response)["message"].startswith("image 2:")
+
+
+def test_size_limits(make_app: Callable[..., Flask]) -> None:
+    client = make_app(max_upload_bytes=4096, max_pixels=1000, max_images=2).test_client()
+    big = client.post("/predict", data=b"\0" * 5000, content_type="image/png")
+    assert big.status_code == 413 and error_of(big)["code"] == "payload_too_large"
+    too_many_pixels = client.post("/predict", data=png(size=40, flat=True), content_type="image/png")  # 1600 px
+    assert too_many_pixels.status_code == 413 and error_of(too_many_pixels)["code"] == "too_many_pixels"
+    small = png(size=8)
+    three = client.post("/predict", data={"image": [(io.BytesIO(small), f"{i}.png") for i in range(3)]})
+    assert three.status_code == 413 and error_of(three)["code"] == "too_many_images"
+    assert client.post("/predict", data=small, content_type="image/png", query_string=FAST).status_code == 200
+
+
+def test_limits_configured_lower_are_enforced(make_app: Callable[..., Flask]) -> None:
+    client = make_app(max_beam_size=2, max_caption_length=5).test_client()
+    assert client.post("/predict", data=png(), content_type="image/png").status_code == 200  # defaults are capped
+    too_wide = client.post("/predict", data=png(), content_type="image/png", query_string={"beam_size": "3"})
+    assert too_wide.status_code == 400 and "from 1 to 2" in error_of(too_wide)["message"]
+
+
+def test_unknown_routes_and_methods(client: FlaskClient) -> None:
+    missing = client.get("/no/such/thing")
+    assert missing.status_code == 404 and error_of(missing)["code"] == "not_found"
+    wrong = client.get("/predict")
+    assert wrong.status_code == 405 and error_of(wrong)["code"] == "method_not_allowed"
+    assert "POST" in wrong.headers["Allow"]
+
+
+# --- failures inside the service -------------------------------------------------------------
+
+
+def test_a_failing_batch_is_a_500_for_its_requests_and_the_next_one_succeeds(
+    make_app: Callable[..., Flask], captioner: Captioner
+) -> None:
+    model = Wrapped(captioner)
+    client = make_app(model).test_client()
+    model.fail = True
+    response = client.post("/predict", data=png(), content_type="image/png", query_string=FAST)
+    assert response.status_code == 500 and error_of(response)["code"] == "captioning_failed"
+    assert "secret" not in response.get_data(as_text=True)
+    model.fail = False
+    assert client.post("/predict", data=png(), content_type="image/png", query_string=FAST).status_code == 200
+
+
+def test_an_unexpected_error_is_a_generic_500_without_internals(
+    make_app: Callable[..., Flask], captioner: Captioner
+) -> None:
+    class Broken(Wrapped):
+        def preprocess(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("boom in /secret/path/module.py line 12")
+
+    client = make_app(Broken(captioner)).test_client()
+    response = client.post("/predict", data=png(), content_type="image/png")
+    assert response.status_code == 500
+    error = error_of(response)
+    assert error["code"] == "internal_error" and response.headers["X-Request-ID"] in error["message"]
+    text = response.get_data(as_text=True)
+    assert "secret" not in text and "Traceback" not in text and "boom" not in text
+
+
+def test_a_full_queue_is_503_with_retry_after(make_app: Callable[..., Flask], captioner: Captioner) -> None:
+    model = Wrapped(captioner)
+    app = make_app(model, queue_size=2, max_images=2, max_batch_size=1)
+    model.hold.clear()
+    results: dict[str, int] = {}
+
+    def send(name: str, count: int) -> None:
+        data = {"image": [(io.BytesIO(png(i)), f"{i}.png") for i in range(count)]} | FAST
+        results[name] = app.test_client().post("/predict", data=data).status_code
+
+    model.entered.clear()
+    running = threading.Thread(target=send, args=("running", 1))
+    running.start()
+    assert model.entered.wait(10)  # the batcher holds the first request in the model call
+    waiting = threading.Thread(target=send, args=("waiting", 2))
+    waiting.start()
+    runtime = runtime_of(app)
+    deadline = time.monotonic() + 10
+    while runtime.batcher is not None and runtime.batcher.depth < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    refused = app.test_client().post("/predict", data=png(), content_type="image/png", query_string=FAST)
+    assert refused.status_code == 503 and error_of(refused)["code"] == "queue_full"
+    assert int(refused.headers["Retry-After"]) >= 1
+    model.hold.set()
+    running.join(30)
+    waiting.join(30)
+    assert results == {"running": 200, "waiting": 200}
+
+
+# --- security --------------------------------------------------------------------------------
+
+
+def test_the_api_key_guards_predict_only(make_app: Callable[..., Flask]) -> None:
+    client = make_app(api_key="correct horse").test_client()
+
+    def predict(headers: dict[str, str]) -> Any:
+        return client.post("/predict", data=png(), content_type="image/png", query_string=FAST, headers=headers)
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic correct horse"}):
+        response = predict(headers)
+        assert response.status_code == 401 and error_of(response)["code"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert predict({"Authorization": "Bearer correct horse"}).status_code == 200
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_cors_is_off_unless_configured(client: FlaskClient, make_app: Callable[..., Flask]) -> None:
+    origin = {"Origin": "https://app.example"}
+    assert "Access-Control-Allow-Origin" not in client.get("/healthz", headers=origin).headers
+    cors = make_app(cors_origins=("https://app.example",), api_key="k").test_client()
+    allowed = cors.get("/healthz", headers=origin)
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    other = cors.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    asking = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    preflight = cors.options("/predict", headers=origin | asking)
+    assert preflight.status_code == 200  # no API key needed for the preflight
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+
+
+def test_security_headers_and_request_ids(client: FlaskClient) -> None:
+    response = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["X-Request-ID"] == "abc-123"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+    forged = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert re.fullmatch(r"[0-9a-f]{32}", forged.headers["X-Request-ID"])
+
+
+# --- metrics, docs and the page --------------------------------------------------------------
+
+
+def test_metrics_count_requests(make_app: Callable[..., Flask]) -> None:
+    client = make_app().test_client()
+    client.post("/predict", data=png(), content_type="image/png", query_string=FAST)
+    client.post("/predict", data=b"nope", content_type="image/png")
+    client.get("/nowhere")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'captioner_http_requests_total{endpoint="/predict",method="POST",status="200"} 1\n' in text
+    assert 'captioner_http_requests_total{endpoint="/predict",method="POST",status="422"} 1\n' in text
+    assert 'captioner_http_requests_total{endpoint="unmatched",method="GET",status="404"} 1\n' in text
+    assert "captioner_batch_size_count 1\n" in text
+    assert 'captioner_model_info{name="tiny-test",version="0",device="cpu"} 1\n' in text
+
+
+def test_metric_rendering() -> None:
+    metrics = ServiceMetrics()
+    for value in (0.003, 0.02, 0.02, 7.0, 100.0):
+        metrics.latency.observe(value, endpoint='/a"b')
+    text = metrics.render()
+    bucket = r'captioner_http_request_duration_seconds_bucket\{endpoint="/a\\"b",le="([^"]+)"\} (\d+)'
+    buckets = re.findall(bucket, text)
+    counts = [int(count) for _, count in buckets]
+    assert buckets[0] == ("0.005", "1") and buckets[-1] == ("+Inf", "5")
+    assert counts == sorted(counts)  # cumulative
+    assert 'captioner_http_request_duration_seconds_sum{endpoint="/a\\"b"} 107.043' in text
+    with pytest.raises(ValueError):
+        metrics.requests.inc(endpoint="/x")  # labels missing
+
+
+def test_openapi_documents_every_route(client: FlaskClient) -> None:
+    document = client.get("/openapi.json").get_json()
+    assert document["openapi"] == "3.1.0"
+    app = client.application
+    routes = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    assert routes == set(document["paths"])
+    parameters = {p["name"]: p["schema"] for p in document["paths"]["/predict"]["post"]["parameters"]}
+    assert parameters["beam_size"]["maximum"] == ServiceConfig().max_beam_size
+
+
+def test_the_page_and_its_assets_are_local(client: FlaskClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert "/static/app.js" in assets and "/static/style.css" in assets
+    for asset in assets:
+        served = client.get(asset)
+        assert served.status_code == 200, asset
+        # No external resource: the page must work without internet access.
+        assert not re.search(r"https?://", served.get_data(as_text=True)), asset

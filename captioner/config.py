@@ -31,7 +31,9 @@ class DecoderConfig:
 
     ``attention="mean"`` replaces soft attention by the mean feature (the ablation that shows what
     attention buys); ``deep_output`` selects the paper's output layer L_o(E y + L_h h + L_z z) over a plain
-    linear layer on h; ``gate`` enables the scalar gate beta = sigmoid(f_beta(h)) on the context.
+    linear layer on h; ``gate`` enables the scalar gate beta = sigmoid(f_beta(h)) on the context;
+    ``positions`` adds a learned projection of each region's grid position to its feature (not in the
+    paper: it lets attention and the context tell where a region is, which spatial words need).
     """
 
     vocab_size: int
@@ -45,6 +47,7 @@ class DecoderConfig:
     deep_output: bool = True
     gate: bool = True
     attention: Literal["soft", "mean"] = "soft"
+    positions: bool = False
 
     def __post_init__(self) -> None:
         if self.cell not in ("lstm", "gru"):

@@ -8,6 +8,7 @@ E embedding size, L stacked layers, V vocabulary size, T caption length.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,22 @@ class Step:
     alpha: torch.Tensor  # (B, R) attention weights of this step
 
 
+POSITION_FREQUENCIES = (1, 2, 4)
+POSITION_FEATURES = 4 * len(POSITION_FREQUENCIES)
+
+
+def grid_positions(regions: int, like: torch.Tensor) -> torch.Tensor:
+    """Fourier features of the centre of each cell of a square grid, row by row: sin and cos of
+    pi * k * x and of pi * k * y for x, y in (-1, 1). Shape (R, POSITION_FEATURES)."""
+    side = math.isqrt(regions)
+    if side * side != regions:
+        raise ValueError(f"positions need a square grid of regions, not {regions}")
+    centres = (torch.arange(side, device=like.device, dtype=like.dtype) + 0.5) / side * 2 - 1  # (g,)
+    y, x = torch.meshgrid(centres, centres, indexing="ij")  # (g, g) each
+    angles = [math.pi * k * axis.flatten() for k in POSITION_FREQUENCIES for axis in (x, y)]  # each (R,)
+    return torch.stack([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (R, 4 * K)
+
+
 class Decoder(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -65,6 +82,9 @@ class Decoder(nn.Module):
             config.num_layers,
         )
         self.embedding = nn.Embedding(V, E, padding_idx=0)
+        # Optional: where each region lies, added to its feature. Plain CNN features say little about
+        # position, so without this a caption can hardly say "left of" or "above".
+        self.position = nn.Linear(POSITION_FEATURES, C, bias=False) if config.positions else None
         # Additive attention: e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b)
         self.attention_features = nn.Linear(C, A)
         self.attention_hidden = nn.Linear(H, A, bias=False)
@@ -86,6 +106,8 @@ class Decoder(nn.Module):
 
     def init_state(self, features: torch.Tensor) -> tuple[Memory, State]:
         B, L, H = features.shape[0], self.config.num_layers, self.config.hidden_dim
+        if self.position is not None:
+            features = features + self.position(grid_positions(features.shape[1], features))  # (B, R, C)
         mean = features.mean(dim=1)  # (B, C)
         keys = self.attention_features(features)  # (B, R, A)
         h = torch.tanh(self.init_h(mean)).view(B, L, H).transpose(0, 1).contiguous()  # (L, B, H)

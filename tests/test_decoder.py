@@ -16,6 +16,7 @@ VARIANTS = [
     {"deep_output": False},
     {"gate": False},
     {"attention": "mean"},
+    {"positions": True},
 ]
 
 
@@ -57,6 +58,18 @@ def test_attention_weights_are_distributions_that_depend_on_the_state() -> None:
     with torch.no_grad():
         _, uniform = mean_decoder(features, captions)
     torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 9))
+
+
+def test_positions_let_attention_tell_identical_regions_apart() -> None:
+    same_everywhere = torch.randn(1, 1, 12).expand(2, 9, 12)
+    captions = torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2]])
+    with torch.no_grad():
+        _, plain = make_decoder()(same_everywhere, captions)
+        _, placed = make_decoder(positions=True)(same_everywhere, captions)
+    torch.testing.assert_close(plain, torch.full_like(plain, 1 / 9))  # no position: nothing to tell apart
+    assert (placed.amax(dim=2) > 1 / 9 + 1e-3).all(), "with positions the regions differ"
+    with pytest.raises(ValueError, match="square grid"):
+        make_decoder(positions=True)(torch.randn(1, 8, 12), captions[:1])
 
 
 def test_feature_projection_is_computed_once_per_image_during_search() -> None:

@@ -101,9 +101,9 @@ def save_model(
 def _atomic_write(target: Path, write: Any) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(handle)
-    os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; a model directory is meant to be shared
     try:
         write(Path(temporary))
+        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; a model directory is meant to be shared
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

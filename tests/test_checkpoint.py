@@ -108,6 +108,7 @@ def test_missing_directory(tmp_path: Path) -> None:
 def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:
     directory = make_model_dir(tmp_path / "model")
     assert sorted(p.name for p in directory.iterdir()) == [METADATA_FILE, WEIGHTS_FILE]
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in directory.iterdir()), "readable by the service's user"
     shutil.rmtree(directory)
 
 

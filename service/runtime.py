@@ -34,12 +34,12 @@ EXTENSION = "captioner"
 
 Loader = Callable[[ServiceConfig], Captioner]
 
-_CPU_ENCODER_BATCH = 4  # images per encoder call on a CPU (see ModelRuntime._run_batch)
-
 
 def load_captioner(config: ServiceConfig) -> Captioner:
     """The default loader: the configured model directory (or the default model) on the configured device."""
-    return Captioner.from_pretrained(config.model_dir, device=config.device)
+    return Captioner.from_pretrained(
+        config.model_dir, device=config.device, encoder_batch_size=config.encoder_batch_size
+    )
 
 
 class ModelRuntime:
@@ -119,18 +119,11 @@ class ModelRuntime:
     def _run_batch(self, options: SearchOptions, pixels: list[torch.Tensor]) -> list[CaptionResult]:
         """The batcher's model call; runs on the batcher thread only.
 
-        The encoder runs on slices of the batch and the decoder on all of it at once. On a CPU a CNN's
-        cost per image grows again beyond a few images per call, once its activations no longer fit in
-        the cache (EfficientNet-Lite0 at 224 pixels, one thread: 44 ms per image in calls of 4, 69 ms in
-        calls of 16), while every decoder step costs nearly the same for 1 or 50 rows, so the decoder
-        is where batching pays (25 ms per image alone, 10 ms in a batch of 16).
+        The decoder runs on the whole batch; the encoder in slices (``Captioner.encoder_batch_size``).
         """
         assert self.captioner is not None  # the batcher exists only once the captioner does
-        device = self.captioner.device
-        slice_size = self.config.encoder_batch_size or (_CPU_ENCODER_BATCH if device.type == "cpu" else len(pixels))
-        batch = torch.stack(pixels).to(device)  # (N, 3, S, S)
-        features = torch.cat([self.captioner.model.encoder(part) for part in batch.split(slice_size)])  # (N, R, C)
-        return self.captioner.caption_features(features, options)
+        batch = torch.stack(pixels).to(self.captioner.device)  # (N, 3, S, S)
+        return self.captioner.caption_pixels(batch, options)
 
     def _record_batch(self, size: int, seconds: float, failed: bool) -> None:
         self.metrics.batch_size.observe(size)

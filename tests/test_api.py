@@ -81,6 +81,16 @@ def test_batch_size_does_not_change_the_captions(captioner: Captioner) -> None:
     assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(whole, pieces, strict=True))
 
 
+def test_encoding_in_slices_gives_the_same_captions(tiny_model_dir: Path, captioner: Captioner) -> None:
+    images = [photo(seed=i) for i in range(5)]
+    one_at_a_time = Captioner.from_pretrained(tiny_model_dir, device="cpu", encoder_batch_size=1)
+    assert captioner.encoder_batch_size == 4, "on a CPU the encoder runs in slices of 4 by default"
+    sliced = one_at_a_time.caption(images)
+    whole = captioner.caption(images)
+    assert [r.caption for r in sliced] == [r.caption for r in whole]
+    assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(sliced, whole, strict=True))
+
+
 def test_attention_maps_are_distributions_over_the_grid(captioner: Captioner) -> None:
     result = captioner.caption(photo(), beam_size=1, max_length=6)
     assert result.words, "a random model at max_length 6 still says something"

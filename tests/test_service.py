@@ -57,12 +57,12 @@ class Wrapped:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def caption_features(self, *args: Any, **kwargs: Any) -> Any:
+    def caption_pixels(self, *args: Any, **kwargs: Any) -> Any:
         self.entered.set()
         self.hold.wait(10)
         if self.fail:
             raise RuntimeError("simulated failure in /secret/path/model.py")
-        return self.inner.caption_features(*args, **kwargs)
+        return self.inner.caption_pixels(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -228,19 +228,6 @@ def test_every_input_form_gives_the_python_api_caption(client: FlaskClient, capt
     assert body["model"] == {"name": captioner.info.name, "version": captioner.info.version}
     assert body["timing_ms"] > 0
     assert "words" not in body["results"][0]
-
-
-def test_a_batch_encoded_in_slices_gives_the_same_captions(
-    make_app: Callable[..., Flask], captioner: Captioner
-) -> None:
-    images = [png(i) for i in range(3)]
-    client = make_app(encoder_batch_size=1).test_client()
-    response = client.post(
-        "/predict", data={"image": [(io.BytesIO(image), f"{i}.png") for i, image in enumerate(images)]}
-    )
-    assert response.status_code == 200
-    got = [result["captions"][0]["caption"] for result in response.get_json()["results"]]
-    assert got == [result.caption for result in captioner.caption(images)]
 
 
 def test_n_best_and_attention(client: FlaskClient, captioner: Captioner) -> None:

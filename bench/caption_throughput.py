@@ -94,7 +94,7 @@ def measure(captioner: Captioner, pixels: torch.Tensor, batch_size: int, options
 
     start = time.perf_counter()
     for batch in batches:
-        captioner.model.encoder(batch.to(device))
+        captioner.encode(batch.to(device))
     synchronise(device)
     encoder_seconds = time.perf_counter() - start
 

@@ -160,9 +160,13 @@ class Captioner:
         self, pixels: torch.Tensor, options: SearchOptions, generator: torch.Generator | None = None
     ) -> list[CaptionResult]:
         """Caption a preprocessed batch (N, 3, S, S) already on the model's device."""
+        return self.caption_features(self.encode(pixels), options, generator)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Encoder features (N, R, C) of a preprocessed batch, computed in slices of ``encoder_batch_size``."""
         slices = pixels.split(self.encoder_batch_size) if self.encoder_batch_size else [pixels]
-        features = torch.cat([self.model.encoder(part) for part in slices])  # (N, R, C)
-        return self.caption_features(features, options, generator)
+        return torch.cat([self.model.encoder(part) for part in slices])  # (N, R, C)
 
     @torch.inference_mode()
     def caption_features(

@@ -1,8 +1,8 @@
 """The Show, Attend and Tell decoder (Xu et al., 2015): soft attention over image regions + LSTM/GRU.
 
-One function, ``Decoder.step``, advances the decoder by one word. Teacher-forced training
-(``Decoder.forward``) and every decoding mode in ``captioner.decoding`` call it; nothing else computes a
-decoder step. Notation: B batch, R regions, C feature channels, A attention size, H hidden size,
+One function, ``Decoder.advance``, advances the decoder by one word. Teacher-forced training
+(``Decoder.forward``) calls it on the embedded caption, every decoding mode in ``captioner.decoding``
+through ``Decoder.step`` on the words it chose; nothing else computes a decoder step. Notation: B batch, R regions, C feature channels, A attention size, H hidden size,
 E embedding size, L stacked layers, V vocabulary size, T caption length.
 """
 
@@ -20,15 +20,23 @@ from captioner.config import DecoderConfig
 
 @dataclass(frozen=True)
 class Memory:
-    """What the decoder reads from an image, computed once per image by ``Decoder.init_state``."""
+    """What the decoder reads from an image, computed once per image by ``Decoder.init_state``.
+
+    With ``DecoderConfig.positions`` a region's value is ``a_i + P p_i`` (its feature plus its
+    embedded grid position). The two parts are kept apart: the context is ``sum_i alpha_i a_i +
+    P sum_i alpha_i p_i``, the same sum, but the (B, R, C) features then need no gradient at any step
+    (training on cached features only learns ``P``), which is most of a step's backward cost.
+    """
 
     features: torch.Tensor  # (B, R, C) region features a_i
-    keys: torch.Tensor  # (B, R, A) the attention's W_a a_i, cached so no step recomputes it
-    mean: torch.Tensor  # (B, C) mean feature, the context of the "mean" ablation
+    positions: torch.Tensor | None  # (R, C) embedded grid positions P p_i, shared by every image
+    keys: torch.Tensor  # (B, R, A) the attention's W_a (a_i + P p_i), cached so no step recomputes it
+    mean: torch.Tensor  # (B, C) mean region value, the context of the "mean" ablation
 
     def select(self, rows: torch.Tensor) -> Memory:
-        """Rows of the batch in a new order (beam expansion, dropping finished images)."""
-        return Memory(self.features[rows], self.keys[rows], self.mean[rows])
+        """Rows of the batch in a new order (beam expansion, dropping finished images, captions of
+        the same image)."""
+        return Memory(self.features[rows], self.positions, self.keys[rows], self.mean[rows])
 
 
 @dataclass(frozen=True)
@@ -106,15 +114,17 @@ class Decoder(nn.Module):
 
     def init_state(self, features: torch.Tensor) -> tuple[Memory, State]:
         B, L, H = features.shape[0], self.config.num_layers, self.config.hidden_dim
+        positions, values = None, features  # values: (B, R, C) a_i (+ P p_i)
         if self.position is not None:
-            features = features + self.position(grid_positions(features.shape[1], features))  # (B, R, C)
-        mean = features.mean(dim=1)  # (B, C)
-        keys = self.attention_features(features)  # (B, R, A)
+            positions = self.position(grid_positions(features.shape[1], features))  # (R, C)
+            values = features + positions  # (B, R, C)
+        mean = values.mean(dim=1)  # (B, C)
+        keys = self.attention_features(values)  # (B, R, A)
         h = torch.tanh(self.init_h(mean)).view(B, L, H).transpose(0, 1).contiguous()  # (L, B, H)
         c = None
         if self.init_c is not None:
             c = torch.tanh(self.init_c(mean)).view(B, L, H).transpose(0, 1).contiguous()  # (L, B, H)
-        return Memory(features, keys, mean), State(h, c)
+        return Memory(features, positions, keys, mean), State(h, c)
 
     def attend(self, memory: Memory, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft attention of the previous top hidden state ``h`` (B, H) over the regions."""
@@ -123,14 +133,22 @@ class Decoder(nn.Module):
             alpha = torch.full((B, R), 1.0 / R, dtype=h.dtype, device=h.device)  # (B, R)
             return memory.mean, alpha
         query = self.attention_hidden(h).unsqueeze(1)  # (B, 1, A)
-        scores = self.attention_score(torch.tanh(memory.keys + query)).squeeze(2)  # (B, R)
+        # In place: the sum is needed by nothing else, and a (B, R, A) buffer fewer per step counts.
+        scores = self.attention_score((memory.keys + query).tanh_()).squeeze(2)  # (B, R)
         alpha = scores.softmax(dim=1)  # (B, R)
         context = torch.bmm(alpha.unsqueeze(1), memory.features).squeeze(1)  # (B, C)
+        if memory.positions is not None:
+            context = context + alpha @ memory.positions  # (B, C)
         return context, alpha
 
     def step(self, tokens: torch.Tensor, state: State, memory: Memory) -> Step:
         """Read the previous word ``tokens`` (B,), attend, update the recurrent state."""
-        embedded = self.embedding(tokens)  # (B, E)
+        return self.advance(self.embedding(tokens), state, memory)
+
+    def advance(self, embedded: torch.Tensor, state: State, memory: Memory) -> Step:
+        """``step`` on a word already embedded, (B, E). Teacher forcing embeds whole captions at once,
+        so the embedding's gradient is built once per batch rather than once per step as a dense
+        (V, E) tensor."""
         h_top = state.h[-1]  # (B, H)
         context, alpha = self.attend(memory, h_top)  # (B, C), (B, R)
         if self.gate is not None:
@@ -162,15 +180,23 @@ class Decoder(nn.Module):
     def step_logits(self, step: Step) -> torch.Tensor:
         return self.logits(step.embedded, step.hidden, step.context)  # (B, V)
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, image_of_caption: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing. ``captions`` (B, T) holds ``<start> w1 .. wn <end> <pad>..``; the logits
-        (B, T-1, V) predict ``captions[:, 1:]``; the attention weights are (B, T-1, R)."""
+        (B, T-1, V) predict ``captions[:, 1:]``; the attention weights are (B, T-1, R).
+
+        ``features`` is (B, R, C), one image per caption, or (N, R, C) with ``image_of_caption`` (B,)
+        giving each caption's image: then the work done once per image (the attention keys, the
+        initial state) is done once for all the captions of that image."""
         memory, state = self.init_state(features)
+        if image_of_caption is not None:
+            memory, state = memory.select(image_of_caption), state.select(image_of_caption)
+        embedded = self.embedding(captions[:, :-1])  # (B, T-1, E)
         steps = []
         for t in range(captions.shape[1] - 1):
-            steps.append(self.step(captions[:, t], state, memory))
+            steps.append(self.advance(embedded[:, t], state, memory))
             state = steps[-1].state
-        embedded = torch.stack([s.embedded for s in steps], dim=1)  # (B, T-1, E)
         hidden = torch.stack([s.hidden for s in steps], dim=1)  # (B, T-1, H)
         context = torch.stack([s.context for s in steps], dim=1)  # (B, T-1, C)
         logits = self.logits(embedded, hidden, context)  # (B, T-1, V)

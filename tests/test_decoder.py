@@ -72,6 +72,39 @@ def test_positions_let_attention_tell_identical_regions_apart() -> None:
         make_decoder(positions=True)(torch.randn(1, 8, 12), captions[:1])
 
 
+def test_positions_enter_attention_and_context_as_if_added_to_every_feature() -> None:
+    """The decoder keeps a_i and P p_i apart; the result must be that of the values a_i + P p_i."""
+    decoder = make_decoder(positions=True).double()
+    features = torch.randn(3, 9, 12, dtype=torch.float64)
+    memory, state = decoder.init_state(features)
+    values = features + memory.positions  # (B, R, C)
+    step = decoder.step(torch.tensor([1, 5, 6]), state, memory)
+    expected_context = torch.einsum("br,brc->bc", step.alpha, values)
+    gate = torch.sigmoid(decoder.gate(state.h[-1]))
+    torch.testing.assert_close(step.context, gate * expected_context, rtol=0, atol=1e-12)
+    torch.testing.assert_close(memory.keys, decoder.attention_features(values), rtol=0, atol=1e-12)
+    torch.testing.assert_close(memory.mean, values.mean(dim=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"positions": True}, {"cell": "gru", "num_layers": 2}])
+def test_captions_grouped_by_image_train_as_if_each_had_its_own_copy(overrides: dict) -> None:
+    decoder = make_decoder(**overrides).double()
+    images = torch.randn(2, 9, 12, dtype=torch.float64)
+    image_of_caption = torch.tensor([0, 0, 1, 0, 1])
+    captions = torch.randint(4, 30, (5, 6))
+    captions[:, 0] = 1
+    grouped, grouped_alphas = decoder(images, captions, image_of_caption)
+    grouped.sum().backward()
+    grouped_gradients = [p.grad.clone() for p in decoder.parameters()]
+    decoder.zero_grad()
+    copied, copied_alphas = decoder(images[image_of_caption], captions)
+    copied.sum().backward()
+    torch.testing.assert_close(grouped, copied, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grouped_alphas, copied_alphas, rtol=0, atol=1e-12)
+    for mine, theirs in zip(grouped_gradients, (p.grad for p in decoder.parameters()), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+
+
 def test_feature_projection_is_computed_once_per_image_during_search() -> None:
     decoder = make_decoder()
     calls: list[tuple[int, ...]] = []

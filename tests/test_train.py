@@ -334,14 +334,21 @@ def test_fine_tuning_trains_on_images_and_moves_only_the_trainable_stages(
     assert moved and moved <= {id(p) for p in trained.encoder._stages[-1].parameters()}
 
 
-def test_shards_cover_the_epoch_and_every_rank_takes_the_same_steps() -> None:
-    order = epoch_order(seed=3, epoch=1, count=23)
-    assert torch.equal(order, epoch_order(seed=3, epoch=1, count=23))
-    assert not torch.equal(order, epoch_order(seed=3, epoch=2, count=23))
+def test_epoch_order_keeps_each_images_captions_together_and_shards_cover_it() -> None:
+    pair_image = np.repeat(np.arange(8), [3, 3, 2, 3, 3, 3, 3, 3])  # 23 captions of 8 images
+    order = epoch_order(seed=3, epoch=1, pair_image=pair_image)
+    assert torch.equal(order, epoch_order(seed=3, epoch=1, pair_image=pair_image))
+    assert not torch.equal(order, epoch_order(seed=3, epoch=2, pair_image=pair_image))
+    assert sorted(order.tolist()) == list(range(23))
+    images_in_order = pair_image[order.numpy()]
+    runs = [image for k, image in enumerate(images_in_order) if k == 0 or image != images_in_order[k - 1]]
+    assert sorted(runs) == list(range(8)), "an image's captions come one after the other"
+    assert runs != sorted(runs), "the images are shuffled"
     shards = [shard_batches(order, Distributed(rank, 3), batch_size=4) for rank in range(3)]
     assert len({len(s) for s in shards}) == 1
     seen = np.concatenate([np.concatenate(s) for s in shards])
     assert sorted(set(seen.tolist())) == list(range(23)) and len(seen) == 24  # padded by one repeat
+    assert shards[1][0].tolist() == order[4:8].tolist(), "each rank takes a contiguous part of a global batch"
     assert shard_batches(order, Distributed(), 5)[0].tolist() == order[:5].tolist()
 
 

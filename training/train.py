@@ -499,19 +499,32 @@ def data_provenance(
     }
 
 
-def epoch_order(seed: int, epoch: int, count: int) -> torch.Tensor:
-    """The permutation of the caption pairs for ``epoch``: a pure function of the seed and the epoch."""
+def epoch_order(seed: int, epoch: int, pair_image: np.ndarray) -> torch.Tensor:
+    """The caption pairs of ``epoch``: the images in a random order (a pure function of the seed and
+    the epoch), each image's captions one after the other. A batch then holds a few images with all
+    their captions, and the work done once per image (reading its features or running the encoder,
+    the attention keys) serves every caption of it."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(count, generator=generator)
+    images = int(pair_image.max()) + 1 if len(pair_image) else 0
+    rank = torch.empty(images, dtype=torch.long)
+    rank[torch.randperm(images, generator=generator)] = torch.arange(images)
+    return torch.argsort(rank[torch.from_numpy(pair_image)], stable=True)  # (P,)
 
 
 def shard_batches(order: torch.Tensor, d: Distributed, batch_size: int) -> list[np.ndarray]:
-    """This rank's share of ``order`` in batches. As with DistributedSampler, the order is padded with
-    its own start to a multiple of the world size, so every rank takes the same number of steps."""
+    """This rank's share of ``order`` in batches. The order is cut into global batches of
+    ``batch_size * world_size`` and each rank takes its contiguous part of each, which keeps an
+    image's captions together. As with DistributedSampler, the order is padded with its own start
+    to a multiple of the world size, so every rank takes the same number of steps."""
     total = math.ceil(len(order) / d.world_size) * d.world_size
     padded = torch.cat([order, order[: total - len(order)]]).numpy()
-    mine = padded[d.rank : total : d.world_size]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    step = batch_size * d.world_size
+    batches = []
+    for start in range(0, total, step):
+        chunk = padded[start : start + step]
+        share = len(chunk) // d.world_size
+        batches.append(chunk[d.rank * share : (d.rank + 1) * share])
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -527,9 +540,11 @@ class TeacherForced(nn.Module):
         self.model = model
         self.from_features = from_features
 
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = inputs if self.from_features else self.model.encoder(inputs)  # (B, R, C)
-        return self.model.decoder(features, captions)  # (B, T-1, V), (B, T-1, R)
+    def forward(
+        self, inputs: torch.Tensor, captions: torch.Tensor, image_of_caption: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features = inputs if self.from_features else self.model.encoder(inputs)  # (N, R, C)
+        return self.model.decoder(features, captions, image_of_caption)  # (B, T-1, V), (B, T-1, R)
 
 
 def build_model(config: RunConfig, vocabulary: Vocabulary, device: torch.device) -> CaptionModel:
@@ -568,10 +583,13 @@ def train_step(
     captions: torch.Tensor,
     tc: TrainConfig,
     dtype: torch.dtype | None,
+    image_of_caption: torch.Tensor | None = None,
 ) -> tuple[float, float]:
-    """One optimisation step on a batch; returns (loss, cross-entropy)."""
+    """One optimisation step on a batch of ``inputs`` (N images) and ``captions`` (B, T), caption
+    ``b`` being of image ``image_of_caption[b]`` (of image ``b`` when None); returns (loss,
+    cross-entropy)."""
     with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype is not None):
-        logits, alphas = module(inputs, captions)  # (B, T-1, V), (B, T-1, R)
+        logits, alphas = module(inputs, captions, image_of_caption)  # (B, T-1, V), (B, T-1, R)
     loss, cross_entropy = caption_loss(logits.float(), captions[:, 1:], alphas.float(), tc.attention_penalty)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -617,7 +635,8 @@ def train_one_epoch(
     model.train()
     dtype = amp_dtype(tc.amp, device)
     remaining = batches[progress.step_in_epoch :]
-    image_batches = [data.pair_image[b] for b in remaining]
+    # Each image of a batch is read (or encoded) once, however many of its captions the batch holds.
+    grouped = [np.unique(data.pair_image[b], return_inverse=True) for b in remaining]
     bar = tqdm(
         total=len(batches),
         initial=progress.step_in_epoch,
@@ -625,10 +644,12 @@ def train_one_epoch(
         unit="step",
         disable=not show_progress,
     )
-    for batch, inputs in zip(remaining, data.train.iterate(image_batches), strict=True):
+    images = data.train.iterate([images for images, _ in grouped])
+    for batch, (_, image_of_caption), inputs in zip(remaining, grouped, images, strict=True):
         captions = data.pair_captions[batch]  # (B, T)
         captions = captions[:, : int((captions != PAD_ID).sum(1).max())].to(device, non_blocking=True)
-        loss, cross_entropy = train_step(module, model, optimizer, scaler, inputs.to(device), captions, tc, dtype)
+        rows = torch.from_numpy(image_of_caption.reshape(-1)).to(device)  # (B,)
+        loss, cross_entropy = train_step(module, model, optimizer, scaler, inputs.to(device), captions, tc, dtype, rows)
         progress.loss_sum += loss
         progress.cross_entropy_sum += cross_entropy
         progress.step_in_epoch += 1
@@ -933,7 +954,7 @@ def run_epoch(
     """One epoch: train (resuming mid-epoch if so saved), validate, step the schedule, checkpoint."""
     tc, started = trainer.config.train, time.monotonic()
     if progress.order is None:
-        progress.order = epoch_order(tc.seed, progress.epoch, len(data.pair_image))
+        progress.order = epoch_order(tc.seed, progress.epoch, data.pair_image)
     batches = shard_batches(progress.order, d, tc.batch_size)
 
     def on_step(loss: float, cross_entropy: float) -> None:

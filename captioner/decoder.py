@@ -2,8 +2,10 @@
 
 One function, ``Decoder.advance``, advances the decoder by one word. Teacher-forced training
 (``Decoder.forward``) calls it on the embedded caption, every decoding mode in ``captioner.decoding``
-through ``Decoder.step`` on the words it chose; nothing else computes a decoder step. Notation: B batch, R regions, C feature channels, A attention size, H hidden size,
-E embedding size, L stacked layers, V vocabulary size, T caption length.
+through ``Decoder.step`` on the words it chose; nothing else computes a decoder step.
+
+Notation: B batch, R regions, C feature channels, A attention size, H hidden size, E embedding size,
+L stacked layers, V vocabulary size, T caption length.
 """
 
 from __future__ import annotations

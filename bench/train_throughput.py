@@ -2,13 +2,17 @@
 
     python bench/train_throughput.py [--device cpu|cuda] [--regions 196] [--channels 2048] [--dim 512]
                                      [--vocab-size 10000] [--batch-size 32] [--caption-length 22]
+                                     [--captions-per-image 1]
 
 Trains the attention decoder from random features, as training from the feature cache does
 (forward, loss with the attention penalty, backward, gradient clipping, Adam step), and reports
-tokens per second. MFU is the useful FLOPs per second of that training (the matrix multiplies of
-the model, forward and backward, counted in ``training_flops_per_caption``) over this machine's float32
-matrix-multiply FLOP/s, measured in the same run. Element-wise work (tanh, softmax, the LSTM gates)
-is not counted as useful. The last line printed is one JSON object.
+tokens per second. By default every caption of the batch has its own image; with
+``--captions-per-image 5`` the batch holds 5 captions of each image, as the training script's
+batches do, and the per-image work is done (and counted) once per image. MFU is the useful FLOPs
+per second of that training (the matrix multiplies of the model, forward and backward, counted in
+``training_flops``) over this machine's float32 matrix-multiply FLOP/s, measured in the same run.
+Element-wise work (tanh, softmax, the LSTM gates) is not counted as useful. The last line printed
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -39,24 +43,28 @@ def matmul_flops_per_second(device: torch.device, size: int = 2048, seconds: flo
     return best
 
 
-def training_flops_per_caption(config: DecoderConfig, regions: int, steps: int) -> float:
-    """Matrix-multiply FLOPs of one teacher-forced caption of ``steps`` words, forward + backward.
+def training_flops(config: DecoderConfig, regions: int, steps: int, captions: int, images: int) -> float:
+    """Matrix-multiply FLOPs of teacher-forcing ``captions`` captions of ``steps`` words of ``images``
+    images, forward + backward.
 
-    Per step the backward pass costs twice the forward (gradients of inputs and of weights). The
-    per-image work (W_a a_i and the initial state) reads frozen-encoder features that need no
-    gradient, so its backward is the weight gradient alone: twice its forward in all, not three times.
+    A product's backward costs twice its forward (the gradients of its input and of its weight), so
+    it counts three times in all, except where the input is the frozen encoder's features, which need
+    no gradient: the per-image work (W_a a_i, the initial state) and the context alpha^T a count twice.
+    The default decoder (gate on, no region positions) is what this counts; torch's FlopCounterMode
+    agrees with it exactly (tests/test_bench.py).
     """
     C, A, H, E, V = config.feature_dim, config.attention_dim, config.hidden_dim, config.embed_dim, config.vocab_size
     gates = 4 if config.cell == "lstm" else 3
     per_image = 2 * regions * C * A + 2 * C * H * (2 if config.cell == "lstm" else 1)  # W_a a_i, init h/c
+    context = 2 * regions * C  # alpha^T a
     per_step = (
         2 * H * A  # W_h h
         + 2 * regions * A  # w^T tanh(.)
-        + 2 * regions * C  # context = alpha^T a
+        + 2 * H  # the gate f_beta(h)
         + 2 * gates * H * (E + C + H)  # the recurrent cell
         + (2 * H * E + 2 * C * E + 2 * E * V if config.deep_output else 2 * H * V)  # output layer
     )
-    return 2.0 * per_image + 3.0 * steps * per_step
+    return 2.0 * per_image * images + (2.0 * context + 3.0 * per_step) * steps * captions
 
 
 def measure_training(args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
@@ -72,14 +80,18 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> tuple[fl
     torch.manual_seed(0)
     decoder = Decoder(config).to(device).train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4)
-    features = torch.randn(args.batch_size, args.regions, args.channels, device=device)
+    if args.batch_size % args.captions_per_image:
+        raise SystemExit("--batch-size must be a multiple of --captions-per-image")
+    images = args.batch_size // args.captions_per_image
+    features = torch.randn(images, args.regions, args.channels, device=device)
+    image_of_caption = torch.arange(args.batch_size, device=device) // args.captions_per_image
     captions = torch.randint(4, args.vocab_size, (args.batch_size, args.caption_length), device=device)
     captions[:, 0] = 1
     times = []
     for iteration in range(args.warmup + args.iterations):
         _synchronize(device)
         start = time.perf_counter()
-        logits, alphas = decoder(features, captions)
+        logits, alphas = decoder(features, captions, image_of_caption)
         loss, _ = caption_loss(logits, captions[:, 1:], alphas, attention_penalty=1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,7 +100,7 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> tuple[fl
         _synchronize(device)
         if iteration >= args.warmup:
             times.append(time.perf_counter() - start)
-    flops = args.batch_size * training_flops_per_caption(config, args.regions, args.caption_length - 1)
+    flops = training_flops(config, args.regions, args.caption_length - 1, args.batch_size, images)
     return sorted(times)[len(times) // 2], flops
 
 
@@ -106,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--caption-length", type=int, default=22, help="tokens, <start> and <end> included")
+    parser.add_argument("--captions-per-image", type=int, default=1, help="captions of each image in a batch")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=6)
     args = parser.parse_args(argv)
@@ -116,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
+        "captions_per_image": args.captions_per_image,
         "tokens_per_s": round(args.batch_size * (args.caption_length - 1) / seconds, 1),
         "seconds_per_iteration": round(seconds, 4),
         "useful_gflop_per_s": round(flops / seconds / 1e9, 2),

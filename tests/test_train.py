@@ -253,6 +253,20 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_set: dict[s
     assert len(reference_rows) == 3
 
 
+def test_a_run_stopped_early_resumes_when_given_more_patience(synthetic_set: dict[str, Path], one_thread: None) -> None:
+    out = synthetic_set["runs"] / "extended"
+    # A learning rate too small to move any float32 weight: the validation score never improves after
+    # the first epoch, so a patience of 1 stops the run after its second epoch although 4 were asked for.
+    frozen = ("--set", "train.decoder_lr=1e-12", "--set", "train.patience=1")
+    main(build_parser().parse_args(run_args(synthetic_set, out, "--epochs", "4", *frozen)))
+    assert [row["epoch"] for row in read_csv(out / "metrics.csv")] == ["1", "2"]
+    main(build_parser().parse_args(run_args(synthetic_set, out, "--epochs", "4", "--resume", *frozen)))
+    assert len(read_csv(out / "metrics.csv")) == 2, "with the same patience the run stays finished"
+    unlimited = ("--set", "train.decoder_lr=1e-12", "--set", "train.patience=0")
+    main(build_parser().parse_args(run_args(synthetic_set, out, "--epochs", "3", "--resume", *unlimited)))
+    assert [row["epoch"] for row in read_csv(out / "metrics.csv")] == ["1", "2", "3"]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -925,6 +925,9 @@ def run(config: RunConfig, args: argparse.Namespace, d: Distributed, device: tor
     trainer = Trainer(model, optimizer, scheduler, scaler, config, vocabulary)
     if args.resume:
         progress = load_state(out / "last.pt", trainer, d)
+        # Judged again under this run's settings: a larger --epochs, or a patience of 0, extends a run
+        # that stopped early, exactly as if it had been started with them.
+        progress.finished = stops_early(progress, tc)
         logger.info("resuming at epoch %d, step %d", progress.epoch + 1, progress.step_in_epoch)
     else:
         progress = Progress()
@@ -984,7 +987,7 @@ def run_epoch(
     improved = score > progress.best_score
     progress.best_score = max(score, progress.best_score)
     progress.stale_epochs = 0 if improved else progress.stale_epochs + 1
-    progress.finished = tc.patience > 0 and progress.stale_epochs >= tc.patience  # early stop
+    progress.finished = stops_early(progress, tc)
     logger.info(
         "epoch %d: loss %.3f, val %s %.3f (best %.3f)%s",
         progress.epoch + 1,
@@ -1012,6 +1015,11 @@ def run_epoch(
     progress.epoch, progress.step_in_epoch, progress.order = progress.epoch + 1, 0, None
     progress.loss_sum = progress.cross_entropy_sum = 0.0
     save_state(out / "last.pt", trainer, progress, d)
+
+
+def stops_early(progress: Progress, tc: TrainConfig) -> bool:
+    """Early stopping: ``patience`` epochs (0: never) without a better validation score."""
+    return tc.patience > 0 and progress.stale_epochs >= tc.patience
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

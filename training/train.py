@@ -10,10 +10,12 @@ backbone) and ``[train]`` (``TrainConfig``); ``--set`` and the dedicated flags o
 
 With a frozen encoder (``fine_tune_stages = 0``) every image is encoded once into a feature cache
 (``training.features``) and training reads the cache; otherwise every step runs the encoder on images.
-Each epoch visits every (image, caption) pair once, in a permutation drawn from a generator seeded
-by the seed and the epoch, so the order is known again after a restart. After each epoch the model
-captions the validation split with beam search; CIDEr-D on it drives the learning-rate decay, the
-choice of the best model and early stopping.
+Each epoch visits every (image, caption) pair once: the images in a permutation drawn from a
+generator seeded by the seed and the epoch (so the order is known again after a restart), each
+image's captions together in one batch. After each epoch the model captions the validation split
+with beam search; CIDEr-D on it drives the learning-rate decay, the choice of the best model and
+early stopping. ``--resume`` continues exactly where ``last.pt`` stands; given a larger ``--epochs``
+or ``--set train.patience=0`` it also extends a run that has finished or stopped early.
 
 Output (only rank 0 writes, except the debug checksums)::
 

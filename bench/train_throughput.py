@@ -80,9 +80,7 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> tuple[fl
     torch.manual_seed(0)
     decoder = Decoder(config).to(device).train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4, fused=True)  # as training.train uses
-    if args.batch_size % args.captions_per_image:
-        raise SystemExit("--batch-size must be a multiple of --captions-per-image")
-    images = args.batch_size // args.captions_per_image
+    images = -(-args.batch_size // args.captions_per_image)  # the last image may have fewer captions
     features = torch.randn(images, args.regions, args.channels, device=device)
     image_of_caption = torch.arange(args.batch_size, device=device) // args.captions_per_image
     captions = torch.randint(4, args.vocab_size, (args.batch_size, args.caption_length), device=device)

@@ -51,16 +51,14 @@ class _Instrument:
         return header + "".join(line + "\n" for line in self.samples())
 
 
-class Counter(_Instrument):
-    kind = "counter"
+class _Value(_Instrument):
+    """An instrument holding one number per label set: what counters and gauges share."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name, documentation, labelnames)
         self._values: dict[tuple[str, ...], float] = {}
 
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
+    def _add(self, amount: float, labels: dict[str, str]) -> None:
         key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
@@ -71,12 +69,17 @@ class Counter(_Instrument):
         return [f"{self.name}{self._label_text(key)} {_number(value)}" for key, value in values]
 
 
-class Gauge(_Instrument):
-    kind = "gauge"
+class Counter(_Value):
+    kind = "counter"
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, documentation, labelnames)
-        self._values: dict[tuple[str, ...], float] = {}
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        self._add(amount, labels)
+
+
+class Gauge(_Value):
+    kind = "gauge"
 
     def set(self, value: float, **labels: str) -> None:
         key = self._key(labels)
@@ -84,17 +87,10 @@ class Gauge(_Instrument):
             self._values[key] = float(value)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        self._add(amount, labels)
 
     def dec(self, amount: float = 1.0, **labels: str) -> None:
-        self.inc(-amount, **labels)
-
-    def samples(self) -> Iterable[str]:
-        with self._lock:
-            values = sorted(self._values.items())
-        return [f"{self.name}{self._label_text(key)} {_number(value)}" for key, value in values]
+        self._add(-amount, labels)
 
 
 class Histogram(_Instrument):

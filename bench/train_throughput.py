@@ -82,7 +82,9 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> tuple[fl
     optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4, fused=True)  # as training.train uses
     images = -(-args.batch_size // args.captions_per_image)  # the last image may have fewer captions
     features = torch.randn(images, args.regions, args.channels, device=device)
-    image_of_caption = torch.arange(args.batch_size, device=device) // args.captions_per_image
+    image_of_caption = None  # one image per caption: the decoder reads the features as they are
+    if args.captions_per_image > 1:
+        image_of_caption = torch.arange(args.batch_size, device=device) // args.captions_per_image
     captions = torch.randint(4, args.vocab_size, (args.batch_size, args.caption_length), device=device)
     captions[:, 0] = 1
     times = []

@@ -10,8 +10,11 @@ therefore a worst case for the given --max-length. With --model the model's own 
 caption lengths (add --force-full-length to mask ``<end>`` there too); the table reports the mean
 length either way.
 
+With --compare-unprepared the same figures are measured, in the same run, for the encoder as it was
+trained (batch norms apart, channels-first), the baseline of ``Encoder.prepare_for_inference``.
+
 The last line printed is one JSON object: ``images_per_s`` for --batch-size and ``by_batch_size``
-with the figures of every batch size measured.
+with the figures of every batch size measured (and ``unprepared_by_batch_size`` with the baseline's).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 from captioner import Captioner, CaptionerError
 from captioner.api import resolve_device
-from captioner.checkpoint import ModelInfo
+from captioner.checkpoint import ModelInfo, load_model
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoding import SearchOptions
 from captioner.encoder import backbone_spec, preprocessing_for
@@ -57,7 +60,7 @@ class Measurement:
         }
 
 
-def random_captioner(args: argparse.Namespace, device: torch.device) -> Captioner:
+def random_captioner(args: argparse.Namespace, device: torch.device, prepare_encoder: bool = True) -> Captioner:
     encoder = EncoderConfig(backbone=args.backbone, image_size=args.image_size, grid_size=args.grid, weights=None)
     decoder = DecoderConfig(
         vocab_size=args.vocab_size,
@@ -72,7 +75,20 @@ def random_captioner(args: argparse.Namespace, device: torch.device) -> Captione
     model = CaptionModel(config, pretrained_encoder=False)
     words = tuple(f"w{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS)))
     info = ModelInfo("random", "0", config, Vocabulary(SPECIAL_TOKENS + words), preprocessing_for(encoder))
-    return Captioner(model, info, device)
+    return Captioner(model, info, device, prepare_encoder=prepare_encoder)
+
+
+def build_captioner(args: argparse.Namespace, prepare_encoder: bool = True) -> tuple[Captioner, bool]:
+    """The measured captioner and whether its ``<end>`` is masked."""
+    device = resolve_device(args.device)
+    if args.model:
+        model, info = load_model(args.model, device)
+        captioner, masked = Captioner(model, info, device, prepare_encoder=prepare_encoder), args.force_full_length
+    else:
+        captioner, masked = random_captioner(args, device, prepare_encoder), True
+    if masked:
+        mask_end_token(captioner)
+    return captioner, masked
 
 
 def mask_end_token(captioner: Captioner) -> None:
@@ -138,21 +154,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images per measurement")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--force-full-length", action="store_true", help="mask <end> of a --model model too")
+    parser.add_argument(
+        "--compare-unprepared", action="store_true", help="also measure the encoder without prepare_for_inference"
+    )
     args = parser.parse_args()
     if args.images < 1:
         parser.error("--images must be positive")
 
     try:
-        if args.model:
-            captioner = Captioner.from_pretrained(args.model, device=args.device)
-            masked = args.force_full_length
-        else:
-            captioner = random_captioner(args, resolve_device(args.device))
-            masked = True
+        captioner, masked = build_captioner(args)
+        baseline = build_captioner(args, prepare_encoder=False)[0] if args.compare_unprepared else None
     except (CaptionerError, ValueError) as error:
         parser.exit(2, f"caption_throughput: error: {error}\n")
-    if masked:
-        mask_end_token(captioner)
     size = captioner.info.preprocessing.image_size
     options = SearchOptions(beam_size=args.beam_size, max_length=args.max_length)
     pixels = torch.randn(args.images, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -174,15 +187,18 @@ def main() -> None:
     header = f"{'batch':>6} {'images/s':>10} {'ms/image':>10} {'encoder ms/image':>17} {'mean words':>11}"
     print(header)
     print("-" * len(header))
-    results = {}
+    results, baseline_results = {}, {}
     for batch_size in sizes:
-        measured = measure(captioner, pixels, batch_size, options)
-        row = measured.as_json()
-        results[str(batch_size)] = row
-        print(
-            f"{batch_size:>6} {row['images_per_s']:>10.2f} {row['ms_per_image']:>10.1f} "
-            f"{row['encoder_ms_per_image']:>17.1f} {row['mean_words']:>11.1f}"
-        )
+        measured = [("", captioner, results)]
+        if baseline is not None:
+            measured.append((" (unprepared encoder)", baseline, baseline_results))
+        for label, measured_captioner, table in measured:
+            row = measure(measured_captioner, pixels, batch_size, options).as_json()
+            table[str(batch_size)] = row
+            print(
+                f"{batch_size:>6} {row['images_per_s']:>10.2f} {row['ms_per_image']:>10.1f} "
+                f"{row['encoder_ms_per_image']:>17.1f} {row['mean_words']:>11.1f}{label}"
+            )
     summary = {
         "images_per_s": results[str(args.batch_size)]["images_per_s"],
         "batch_size": args.batch_size,
@@ -193,6 +209,8 @@ def main() -> None:
         "model": args.model or "random",
         "by_batch_size": results,
     }
+    if baseline is not None:
+        summary["unprepared_by_batch_size"] = baseline_results
     print(json.dumps(summary))
 
 

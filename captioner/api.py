@@ -70,14 +70,24 @@ CPU_ENCODER_BATCH_SIZE = 4
 
 class Captioner:
     def __init__(
-        self, model: CaptionModel, info: ModelInfo, device: torch.device, encoder_batch_size: int | None = None
+        self,
+        model: CaptionModel,
+        info: ModelInfo,
+        device: torch.device,
+        encoder_batch_size: int | None = None,
+        prepare_encoder: bool = True,
     ) -> None:
         """``encoder_batch_size`` splits each batch for the CNN encoder only (None: 4 images per call on
         a CPU, the whole batch on a GPU). On a CPU a CNN's cost per image grows again beyond a few
-        images per call, once its activations no longer fit in the cache (EfficientNet-Lite0 at 224
-        px: 33 ms per image alone, 81 ms in calls of 32, bench/caption_throughput.py), while a decoder
-        step costs nearly the same for 1 or 100 rows, so the decoder is where batching pays."""
+        images per call, once its activations no longer fit in the cache, while a decoder step costs
+        nearly the same for 1 or 100 rows, so the decoder is where batching pays.
+
+        The Captioner takes ``model`` over for inference: its encoder is frozen and, unless
+        ``prepare_encoder`` is False (for comparisons), prepared (``Encoder.prepare_for_inference``)."""
+        model.encoder.set_fine_tuning(0)  # inference only: no parameter needs a gradient
         self.model = model.to(device).eval()
+        if prepare_encoder:
+            self.model.encoder.prepare_for_inference()
         self.info = info
         self.device = device
         self.grid_size = model.encoder.grid_size

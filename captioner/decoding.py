@@ -64,9 +64,8 @@ def search(
 ) -> list[list[Hypothesis]]:
     """Dispatch on the options: sampling, greedy (beam size 1) or beam search; ``features`` (B, R, C)."""
     if options.sample:
-        rows = features.repeat_interleave(options.n_best, dim=0)  # (B*n, R, C)
         pick = _sampler(options.temperature, options.top_k, generator)
-        found = _search_one_path(decoder, rows, options, pick)
+        found = _search_one_path(decoder, features, options, pick, copies=options.n_best)
         per_image = [found[i : i + options.n_best] for i in range(0, len(found), options.n_best)]
         return [sorted((h for [h] in group), key=lambda h: -h.score) for group in per_image]
     if options.beam_size == 1:
@@ -112,10 +111,15 @@ def _search_one_path(
     features: torch.Tensor,
     options: SearchOptions,
     pick: Callable[[torch.Tensor], torch.Tensor],
+    copies: int = 1,
 ) -> list[list[Hypothesis]]:
-    """One hypothesis per row, extended by ``pick`` (argmax for greedy, a draw for sampling)."""
+    """One hypothesis per row, extended by ``pick`` (argmax for greedy, a draw for sampling); each
+    image gets ``copies`` rows in a row (independent draws), its memory computed once for them all."""
     memory, state = decoder.init_state(features)
-    n = features.shape[0]
+    if copies > 1:
+        rows = torch.arange(features.shape[0], device=features.device).repeat_interleave(copies)  # (B*n,)
+        memory, state = memory.select(rows), state.select(rows)
+    n = features.shape[0] * copies
     active = torch.arange(n, device=features.device)  # rows still being extended
     tokens = torch.full((n,), START_ID, dtype=torch.long, device=features.device)
     history: list[list[tuple[int, float, torch.Tensor]]] = [[] for _ in range(n)]
@@ -159,7 +163,10 @@ def beam_search(decoder: Decoder, features: torch.Tensor, options: SearchOptions
     """
     K, device = options.beam_size, features.device
     n_images = features.shape[0]
-    memory, state = decoder.init_state(features.repeat_interleave(K, dim=0))  # rows image-major
+    # The memory and the first state are computed once per image, then repeated for its K beams.
+    memory, state = decoder.init_state(features)
+    beam_rows = torch.arange(n_images, device=device).repeat_interleave(K)  # (B*K,) rows image-major
+    memory, state = memory.select(beam_rows), state.select(beam_rows)
     images = torch.arange(n_images, device=device)  # images still searching, in batch order
     tokens = torch.full((n_images * K,), START_ID, dtype=torch.long, device=device)
     beam_log_prob = torch.zeros(n_images, K, device=device, dtype=torch.float64)  # (B, K)
@@ -199,7 +206,9 @@ def beam_search(decoder: Decoder, features: torch.Tensor, options: SearchOptions
         tokens = word.gather(1, order).flatten()  # (B*K,)
         token_history = torch.cat([token_history[rows], tokens.unsqueeze(1)], dim=1)  # (B*K, t+1)
         attention_history = attention_so_far[rows]  # (B*K, t+1, R)
-        state, memory = state.select(rows), memory.select(rows)
+        # An image's beams only ever come from its own K rows, whose memory rows are all the same:
+        # the memory needs no reordering (only the state does), which spares a copy of it every step.
+        state = state.select(rows)
         searching = torch.tensor([len(finished[int(i)]) < K for i in images], dtype=torch.bool, device=device)  # (B,)
         if not bool(searching.any()):
             break

@@ -64,11 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = environment(args, dict(os.environ))
     try:
-        ServerSettings.from_env(env)
-        # One intra-op thread per worker unless told otherwise: every request thread that touches a
-        # tensor (preprocessing) would otherwise start its own OpenMP team, and with 16 request threads
-        # the cores drown in spinning threads. Throughput on a CPU comes from more workers instead.
-        env.setdefault("CAPTIONER_TORCH_THREADS", "1")
+        settings = ServerSettings.from_env(env)
+        # Each worker's model gets its share of the cores unless told otherwise: only the batcher
+        # thread runs torch operations (request threads decode and normalise with PIL and numpy), so
+        # its intra-op threads are the only compute threads of the worker. More threads than cores
+        # across the workers would leave OpenMP threads spinning while others hold the cores.
+        env.setdefault("CAPTIONER_TORCH_THREADS", str(max(1, len(os.sched_getaffinity(0)) // settings.workers)))
         ServiceConfig.from_env(env)
     except ConfigError as error:
         print(f"python -m service: error: {error}", file=sys.stderr)

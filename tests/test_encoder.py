@@ -7,7 +7,14 @@ import torch
 from PIL import Image
 
 from captioner.config import EncoderConfig
-from captioner.encoder import BACKBONES, Encoder, build_lite0_classifier, grid_size_for, preprocessing_for
+from captioner.encoder import (
+    BACKBONES,
+    Encoder,
+    build_lite0_classifier,
+    fold_batch_norms,
+    grid_size_for,
+    preprocessing_for,
+)
 
 # (backbone, image size, grid, channels) as documented in the registry: ResNets pool a 448 px input to
 # 14x14, the others keep their natural stride-32 grid.
@@ -92,3 +99,74 @@ def test_preprocessing_squashes_the_whole_image_and_normalises() -> None:
     red = (1.0 - 0.485) / 0.229
     assert pixels[0, 200, 10].item() == pytest.approx(red, abs=1e-4)
     assert pixels[2, 200, -1].item() > 2.0, "no centre crop: the right edge is still in the input"
+
+
+def _randomise_batch_norms(module: torch.nn.Module, seed: int = 0) -> None:
+    """Statistics and affine parameters far from the identity, so that a wrong fold shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in module.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                n = norm.num_features
+                norm.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                norm.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                norm.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                norm.bias.copy_(torch.rand(n, generator=generator) - 0.5)
+
+
+def _batch_norms(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_prepared_for_inference_every_backbone_computes_the_same_features(name: str) -> None:
+    config = EncoderConfig(backbone=name, weights=None)
+    reference = Encoder(config).eval()
+    _randomise_batch_norms(reference)
+    prepared = Encoder(config)
+    prepared.load_state_dict(reference.state_dict())
+    prepared.prepare_for_inference()
+    pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = reference(pixels), prepared(pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert got.is_contiguous(), "features come out (B, R, C) contiguous whatever the CNN's layout"
+    assert _batch_norms(prepared) == 0, "every batch norm of these CNNs follows a convolution and is folded"
+    conv = next(m for m in prepared.body.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class _SharedConvolution(torch.nn.Module):
+    """A convolution read by a batch norm and by a skip connection, and a norm after an addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(3)
+        self.after_sum = torch.nn.BatchNorm2d(3)
+        self.second = torch.nn.Conv2d(3, 3, 1, bias=False)
+        self.second_norm = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = self.after_sum(self.norm(y) + y)
+        return self.second_norm(self.second(z))
+
+
+def test_folding_only_touches_a_norm_that_is_the_only_reader_of_a_convolution() -> None:
+    net = _SharedConvolution().eval()
+    _randomise_batch_norms(net)
+    pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = net(pixels)
+        assert fold_batch_norms(net) == 1
+        torch.testing.assert_close(net(pixels), expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(net.second_norm, torch.nn.Identity) and net.second.bias is not None
+    assert isinstance(net.norm, torch.nn.BatchNorm2d) and isinstance(net.after_sum, torch.nn.BatchNorm2d)
+
+
+def test_only_a_frozen_encoder_is_prepared_for_inference() -> None:
+    encoder = Encoder(EncoderConfig(backbone="efficientnet_lite0", weights=None, fine_tune_stages=1))
+    with pytest.raises(ValueError, match="frozen"):
+        encoder.prepare_for_inference()
+    assert _batch_norms(encoder) > 0, "a refused encoder is left as it was"

@@ -51,14 +51,17 @@ def make_records(folder: Path, count: int) -> list[ImageRecord]:
 
 
 class CountingEncoder:
-    """Counts the images an encoder is run on, through a forward hook."""
+    """Counts the images an encoder is run on, through a forward hook. The hook is a plain function, not
+    a bound method, so that the prepared copy of the encoder that fills the cache counts here too (a
+    deep copy of a module shares its hook functions but would copy a method's object)."""
 
     def __init__(self, encoder: Encoder) -> None:
         self.images = 0
-        self.handle = encoder.register_forward_hook(self._count)
 
-    def _count(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.images += inputs[0].shape[0]
+        def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.images += inputs[0].shape[0]
+
+        self.handle = encoder.register_forward_hook(count)
 
     def __enter__(self) -> CountingEncoder:
         return self

@@ -159,6 +159,21 @@ def test_invalid_settings_stop_python_m_service_before_gunicorn_starts(capsys: p
     assert "CAPTIONER_MAX_BATCH_SIZE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("cores", "workers", "threads"), [(8, 1, "8"), (8, 3, "2"), (2, 4, "1")])
+def test_each_worker_gets_its_share_of_the_cores_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int, threads: str
+) -> None:
+    started: list[dict[str, str]] = []
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr("os.execve", lambda path, argv, env: started.append(env))
+    monkeypatch.delenv("CAPTIONER_TORCH_THREADS", raising=False)
+    main(["--workers", str(workers)])
+    assert started[-1]["CAPTIONER_TORCH_THREADS"] == threads
+    monkeypatch.setenv("CAPTIONER_TORCH_THREADS", "5")
+    main(["--workers", str(workers)])
+    assert started[-1]["CAPTIONER_TORCH_THREADS"] == "5"
+
+
 # --- readiness -------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ Images that cannot be read (missing, not an image, truncated...) are skipped: th
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -228,7 +229,9 @@ def _encode_into(
     features = np.lib.format.open_memmap(folder / FEATURES_FILE, mode="w+", dtype=np.float16, shape=shape)
     loader = image_loader([r.path for r in records], preprocessing, batch_size, workers, device.type == "cuda")
     failed: dict[str, str] = {}
-    encoder = encoder.to(device).eval()
+    # A prepared copy: folding the batch norms changes the encoder's state dict, and the caller's
+    # encoder is part of the model that training saves.
+    encoder = copy.deepcopy(encoder).to(device).prepare_for_inference()
     with torch.inference_mode():
         for batch in tqdm(loader, desc="features", unit="batch", disable=not progress):
             for index, reason in batch.failures:

@@ -277,9 +277,9 @@ class Encoder(nn.Module):
         For an encoder that only runs forward from now on (the ``Captioner``'s, the one filling a
         feature cache): its state dict changes (the norms are gone), so it is never saved afterwards.
         The features agree with the unprepared encoder's to float rounding. Channels-last (NHWC) is
-        the layout oneDNN's CPU convolutions and cuDNN's tensor-core kernels are fastest on; with the
-        folding it makes EfficientNet-Lite0 about twice as fast per image on a CPU in slices of 4
-        (bench/caption_throughput.py)."""
+        the layout oneDNN's CPU convolutions and cuDNN's tensor-core kernels are fastest on. On a
+        2-core CPU, EfficientNet-Lite0 at 224 px takes about 1.3x less time per image prepared than
+        not, at batch sizes 1, 4 and 16 (``bench/caption_throughput.py --compare-unprepared``)."""
         if not self.frozen:
             raise ValueError("only a frozen encoder can be prepared for inference")
         self.eval()

@@ -30,7 +30,7 @@ class ServiceConfig:
     ``model_dir`` None loads the captioner's default model. ``max_pixels`` None keeps the captioner's
     own bound on decoded image size. ``queue_size`` counts images waiting for the model, so the memory
     held by waiting requests is bounded whatever the traffic. ``torch_threads`` None leaves torch's
-    own setting. ``encoder_batch_size`` splits a batch for the CNN encoder only (None: 4 on a CPU,
+    own setting. ``encoder_batch_size`` splits a batch for the CNN encoder only (None: 2 on a CPU,
     the whole batch on a GPU; see ``ModelRuntime``). ``api_key`` is kept out of ``repr`` so it never
     lands in a log line.
     """

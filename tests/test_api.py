@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +85,29 @@ def test_batch_size_does_not_change_the_captions(captioner: Captioner) -> None:
 def test_encoding_in_slices_gives_the_same_captions(tiny_model_dir: Path, captioner: Captioner) -> None:
     images = [photo(seed=i) for i in range(5)]
     one_at_a_time = Captioner.from_pretrained(tiny_model_dir, device="cpu", encoder_batch_size=1)
-    assert captioner.encoder_batch_size == 4, "on a CPU the encoder runs in slices of 4 by default"
+    assert captioner.encoder_batch_size == 2, "on a CPU the encoder runs in slices of 2 by default"
     sliced = one_at_a_time.caption(images)
     whole = captioner.caption(images)
     assert [r.caption for r in sliced] == [r.caption for r in whole]
     assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(sliced, whole, strict=True))
+
+
+def test_slices_encoded_side_by_side_on_threads_come_back_in_order(tiny_model_dir: Path) -> None:
+    pixels = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    alone = Captioner.from_pretrained(tiny_model_dir, device="cpu", encoder_batch_size=1, encoder_threads=1)
+    threaded = Captioner.from_pretrained(tiny_model_dir, device="cpu", encoder_batch_size=2, encoder_threads=3)
+    assert alone._encoder_pool is None
+    seen_threads: set[str] = set()
+    threaded.model.encoder.register_forward_hook(
+        lambda module, inputs, output: seen_threads.add(threading.current_thread().name)
+    )
+    size = threaded.info.preprocessing.image_size
+    pixels = torch.nn.functional.interpolate(pixels, size=(size, size))  # (7, 3, S, S)
+    expected = alone.encode(pixels)  # (7, R, C)
+    got = threaded.encode(pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert seen_threads and all(name.startswith("captioner-encoder") for name in seen_threads)
+    assert not got.requires_grad and got.is_inference(), "the pool threads run in inference mode too"
 
 
 def test_attention_maps_are_distributions_over_the_grid(captioner: Captioner) -> None:

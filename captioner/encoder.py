@@ -6,6 +6,7 @@ here once and stored in every checkpoint, so training, the CLI and the service p
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on pixels scaled as (x - 127) / 128 (TensorFlow's Lite recipe).
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ def fold_batch_norms(body: nn.Module) -> int:
     the folded norms become identities. A CNN that torch.fx cannot trace is left as it is."""
     try:
         graph = _ConvAndNormLeaves().trace(body)
-    except Exception:  # noqa: BLE001 - folding is an optimisation; an untraceable CNN still runs
+    except Exception as error:  # folding is an optimisation; an untraceable CNN still runs as it is
+        logger.info("%s cannot be traced, its batch norms stay apart: %s", type(body).__name__, error)
         return 0
     modules = dict(body.named_modules())
     calls: dict[str, int] = {}

@@ -170,3 +170,27 @@ def test_only_a_frozen_encoder_is_prepared_for_inference() -> None:
     with pytest.raises(ValueError, match="frozen"):
         encoder.prepare_for_inference()
     assert _batch_norms(encoder) > 0, "a refused encoder is left as it was"
+
+
+class _DataDependent(torch.nn.Module):
+    """Control flow on a tensor's value, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.norm = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x))
+        return y if bool(y.sum() > 0) else -y
+
+
+def test_a_cnn_that_cannot_be_traced_is_left_as_it_is() -> None:
+    net = _DataDependent().eval()
+    _randomise_batch_norms(net)
+    pixels = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = net(pixels)
+        assert fold_batch_norms(net) == 0
+        torch.testing.assert_close(net(pixels), expected)
+    assert isinstance(net.norm, torch.nn.BatchNorm2d)

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-size", type=int, help="most images per model call (default 16; 1 disables batching)"
     )
     parser.add_argument(
-        "--max-wait-ms", type=float, help="how long a request waits for others to batch with (default 10)"
+        "--max-wait-ms",
+        type=float,
+        help="the longest a request waits for others still reading their images, to batch with them (default 10)",
     )
     return parser
 

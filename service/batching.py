@@ -10,6 +10,11 @@ share a call), runs up to ``max_batch_size`` items at once and hands every reque
 The queue is bounded by a number of items, and ``submit`` never blocks: when the queue is full it
 raises ``QueueFull`` at once, so the memory held by waiting requests is bounded and a client under
 overload gets a quick answer to retry later instead of a slow timeout.
+
+Waiting for companions only pays when some are on their way. A caller may announce each request as
+it starts reading and decoding its images (``arriving``), before it can submit; then a batch waits
+only while an announced request has not submitted yet, and a request with nothing else on its way
+runs at once instead of paying ``max_wait_ms`` of latency for a batch of one.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -40,6 +46,13 @@ class BatcherClosed(QueueFull):
 
 class BatchFailed(Exception):
     """The model call that held this request's items raised; the cause is logged, not shown."""
+
+
+class Arrival:
+    """One announced request (``DynamicBatcher.arriving``); its announcement ends when it submits."""
+
+    def __init__(self) -> None:
+        self.pending = True
 
 
 @dataclass
@@ -65,6 +78,7 @@ class DynamicBatcher(Generic[Key, Item, Result]):
         queue_size: int,
         on_batch: Callable[[int, float, bool], None] | None = None,
         name: str = "batcher",
+        announced: bool = False,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and queue_size must be positive and max_wait_ms not negative")
@@ -75,6 +89,10 @@ class DynamicBatcher(Generic[Key, Item, Result]):
         self._on_batch = on_batch
         self._pending: deque[_Work[Key, Item, Result]] = deque()
         self._depth = 0  # items in _pending
+        # With ``announced`` the callers announce their requests (``arriving``), and a batch waits
+        # only while some announced request has not submitted yet.
+        self._announced = announced
+        self._arriving = 0
         self._closed = False
         self._condition = threading.Condition()
         # A daemon thread: a worker process that is exiting must not wait on it (close() drains it first).
@@ -91,15 +109,36 @@ class DynamicBatcher(Generic[Key, Item, Result]):
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, key: Key, items: Sequence[Item]) -> Future[list[Result]]:
+    @contextmanager
+    def arriving(self) -> Iterator[Arrival]:
+        """Announce a request that is preparing its items; pass the ``Arrival`` to ``submit``. Leaving
+        the block without submitting (a bad image, a refused option) withdraws the announcement."""
+        arrival = Arrival()
+        with self._condition:
+            self._arriving += 1
+        try:
+            yield arrival
+        finally:
+            with self._condition:
+                self._end_arrival(arrival)
+
+    def _end_arrival(self, arrival: Arrival | None) -> None:
+        if arrival is not None and arrival.pending:
+            arrival.pending = False
+            self._arriving -= 1
+            self._condition.notify()
+
+    def submit(self, key: Key, items: Sequence[Item], arrival: Arrival | None = None) -> Future[list[Result]]:
         """Queue ``items`` to be run together with others of the same ``key``; raises ``QueueFull``.
 
-        Cancelling the returned future before its batch starts withdraws the items.
+        Cancelling the returned future before its batch starts withdraws the items. ``arrival`` ends
+        that request's announcement in the same step as it queues its items.
         """
         if not items:
             raise ValueError("submit needs at least one item")
         work: _Work[Key, Item, Result] = _Work(key, list(items), time.monotonic())
         with self._condition:
+            self._end_arrival(arrival)
             if self._closed:
                 raise BatcherClosed("the service is shutting down")
             self._drop_cancelled()
@@ -137,7 +176,8 @@ class DynamicBatcher(Generic[Key, Item, Result]):
                 first = self._pending[0]
                 ready = sum(len(work.items) for work in self._pending if work.key == first.key)
                 remaining = first.arrived + self._max_wait - time.monotonic()
-                if ready >= self._max_batch_size or remaining <= 0 or self._closed:
+                nothing_on_its_way = self._announced and self._arriving == 0
+                if ready >= self._max_batch_size or remaining <= 0 or self._closed or nothing_on_its_way:
                     break
                 self._condition.wait(remaining)
             taken, rest, size, full = [], deque(), 0, False

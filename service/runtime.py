@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from flask import Flask
@@ -23,7 +24,7 @@ from PIL import Image
 from captioner import Captioner, CaptionerError, CaptionResult
 from captioner.decoding import SearchOptions
 from captioner.images import DEFAULT_MAX_PIXELS
-from service.batching import BatcherClosed, BatchFailed, DynamicBatcher, QueueFull
+from service.batching import Arrival, BatcherClosed, BatchFailed, DynamicBatcher, QueueFull
 from service.config import ServiceConfig
 from service.errors import IMAGE_ERROR_STATUS, ServiceError
 from service.metrics import ServiceMetrics
@@ -104,6 +105,7 @@ class ModelRuntime:
             queue_size=self.config.queue_size,
             on_batch=self._record_batch,
             name="caption-batcher",
+            announced=True,  # every /predict announces itself while it reads and decodes its images
         )
         info = captioner.info
         self.metrics.model_info.set(1, name=info.name, version=info.version, device=str(captioner.device))
@@ -141,11 +143,19 @@ class ModelRuntime:
             message = f"{label}: {error.message}" if label else error.message  # label: which of several images
             raise ServiceError(status, error.code, message) from None
 
-    def caption(self, pixels: list[torch.Tensor], options: SearchOptions) -> list[CaptionResult]:
-        """Queue the images of one request and wait for their batch; 503 when the queue is full."""
+    def arriving(self) -> AbstractContextManager[Arrival]:
+        """Announce a request to the batcher while it reads and decodes its images (see ``caption``)."""
+        assert self.batcher is not None
+        return self.batcher.arriving()
+
+    def caption(
+        self, pixels: list[torch.Tensor], options: SearchOptions, arrival: Arrival | None = None
+    ) -> list[CaptionResult]:
+        """Queue the images of one request and wait for their batch; 503 when the queue is full.
+        ``arrival``, from ``arriving``, ends the request's announcement as its images are queued."""
         assert self.batcher is not None
         try:
-            future = self.batcher.submit(options, pixels)
+            future = self.batcher.submit(options, pixels, arrival)
         except BatcherClosed:
             raise ServiceError(503, "shutting_down", "the server is shutting down", {"Retry-After": "1"}) from None
         except QueueFull:

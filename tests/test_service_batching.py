@@ -184,3 +184,50 @@ def test_the_batch_callback_sees_every_call_and_cannot_break_the_worker() -> Non
     assert batcher.submit("k", [3]).result(5) == [30]
     assert seen == [(2, False), (1, True), (1, False)]
     batcher.close(5)
+
+
+# --- announced arrivals --------------------------------------------------------------------------
+
+
+def test_with_nothing_announced_on_its_way_a_request_runs_without_waiting_the_window() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=64, max_wait_ms=5000.0, announced=True)
+    started = time.monotonic()
+    with batcher.arriving() as arrival:
+        future = batcher.submit("k", [1], arrival)
+    assert future.result(4) == [10], "a lone request must not wait out the 5 s window"
+    assert time.monotonic() - started < 4.0
+    batcher.close(5)
+
+
+def test_a_batch_waits_for_an_announced_request_and_shares_its_call() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=64, max_wait_ms=5000.0, announced=True)
+    second_ready = threading.Event()
+    with batcher.arriving() as late:
+        with batcher.arriving() as early:
+            first = batcher.submit("k", [1], early)
+        assert not first.done(), "the first request waits: another one has announced itself"
+        threading.Timer(0.2, second_ready.set).start()
+        assert second_ready.wait(5)
+        second = batcher.submit("k", [2], late)
+    assert first.result(4) == [10] and second.result(4) == [20]
+    assert recorder.calls == [("k", [1, 2])]
+    batcher.close(5)
+
+
+def test_an_announced_request_that_never_submits_releases_the_waiting_batch() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=64, max_wait_ms=5000.0, announced=True)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="a bad image"), batcher.arriving():
+        with batcher.arriving() as arrival:
+            future = batcher.submit("k", [1], arrival)
+        raise ValueError("a bad image")
+    assert future.result(4) == [10]
+    assert time.monotonic() - started < 4.0
+    with batcher.arriving() as refused:  # a submit refused by a full queue also ends its announcement
+        with pytest.raises(QueueFull):
+            batcher.submit("k", list(range(65)), refused)
+        assert not refused.pending
+    batcher.close(5)

@@ -78,11 +78,12 @@ def predict() -> Response:
                 raise ServiceError(503, "model_unavailable", "the model is unavailable; see the server log")
             raise ServiceError(503, "model_loading", "the model is still loading; retry shortly", {"Retry-After": "5"})
         config = runtime.config
-        images, values = _read_request(config)
-        options = parse_options(values, config)
-        several = len(images) > 1
-        pixels = [runtime.preprocess(data, f"image {i + 1}" if several else None) for i, data in enumerate(images)]
-        results = runtime.caption(pixels, options.search)
+        with runtime.arriving() as arrival:  # the batcher waits for this request only while it prepares
+            images, values = _read_request(config)
+            options = parse_options(values, config)
+            several = len(images) > 1
+            pixels = [runtime.preprocess(data, f"image {i + 1}" if several else None) for i, data in enumerate(images)]
+            results = runtime.caption(pixels, options.search, arrival)
         metrics.images.inc(len(results))
         assert runtime.captioner is not None
         info = runtime.captioner.info

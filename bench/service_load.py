@@ -1,6 +1,6 @@
 """Throughput and latency of the HTTP service, with and without dynamic batching, against the batch CLI.
 
-    python bench/service_load.py [--model DIR] [--requests 64] [--images 32] [--cli-images 128] [--size 224]
+    python bench/service_load.py [--model DIR] [--requests 256] [--images 32] [--cli-images 128] [--size 224]
                                  [--clients 1,4,16] [--workers 1] [--beam-size 3] [--max-length 20]
 
 Starts ``python -m service`` (one worker unless --workers says otherwise) twice on a free local
@@ -219,7 +219,7 @@ def measure_cli(args: argparse.Namespace, images: list[bytes], workdir: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model directory (default: the service's default model)")
-    parser.add_argument("--requests", type=int, default=64, help="measured requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=256, help="measured requests per concurrency level")
     parser.add_argument("--images", type=int, default=32, help="distinct images")
     parser.add_argument("--cli-images", type=int, default=128, help="files (copies of the images) the CLI captions")
     parser.add_argument("--workers", type=int, default=1, help="service worker processes")

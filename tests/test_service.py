@@ -381,6 +381,16 @@ def test_unknown_routes_and_methods(client: FlaskClient) -> None:
 # --- failures inside the service -------------------------------------------------------------
 
 
+def test_a_lone_request_does_not_wait_out_the_batching_window(make_app: Callable[..., Flask]) -> None:
+    """/predict announces itself to the batcher while it reads its image, so with nobody else on the
+    way its batch runs at once, not after ``max_wait_ms`` (here 5 s)."""
+    client = make_app(max_wait_ms=5000.0).test_client()
+    started = time.monotonic()
+    response = client.post("/predict", data=png(7), content_type="image/png", query_string=FAST)
+    assert response.status_code == 200
+    assert time.monotonic() - started < 4.0
+
+
 def test_a_failing_batch_is_a_500_for_its_requests_and_the_next_one_succeeds(
     make_app: Callable[..., Flask], captioner: Captioner
 ) -> None:

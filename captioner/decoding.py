@@ -106,6 +106,16 @@ def _next_log_probs(
     return log_probs, step.state, step.alpha
 
 
+def _init_rows(decoder: Decoder, features: torch.Tensor, copies: int) -> tuple[Memory, State]:
+    """The memory and first state of each image, computed once and repeated for its ``copies``
+    consecutive rows (beams, or independent samples): (B, R, C) -> B*copies rows."""
+    memory, state = decoder.init_state(features)
+    if copies == 1:
+        return memory, state
+    rows = torch.arange(features.shape[0], device=features.device).repeat_interleave(copies)  # (B*copies,)
+    return memory.select(rows), state.select(rows)
+
+
 def _search_one_path(
     decoder: Decoder,
     features: torch.Tensor,
@@ -115,10 +125,7 @@ def _search_one_path(
 ) -> list[list[Hypothesis]]:
     """One hypothesis per row, extended by ``pick`` (argmax for greedy, a draw for sampling); each
     image gets ``copies`` rows in a row (independent draws), its memory computed once for them all."""
-    memory, state = decoder.init_state(features)
-    if copies > 1:
-        rows = torch.arange(features.shape[0], device=features.device).repeat_interleave(copies)  # (B*n,)
-        memory, state = memory.select(rows), state.select(rows)
+    memory, state = _init_rows(decoder, features, copies)
     n = features.shape[0] * copies
     active = torch.arange(n, device=features.device)  # rows still being extended
     tokens = torch.full((n,), START_ID, dtype=torch.long, device=features.device)
@@ -163,10 +170,7 @@ def beam_search(decoder: Decoder, features: torch.Tensor, options: SearchOptions
     """
     K, device = options.beam_size, features.device
     n_images = features.shape[0]
-    # The memory and the first state are computed once per image, then repeated for its K beams.
-    memory, state = decoder.init_state(features)
-    beam_rows = torch.arange(n_images, device=device).repeat_interleave(K)  # (B*K,) rows image-major
-    memory, state = memory.select(beam_rows), state.select(beam_rows)
+    memory, state = _init_rows(decoder, features, K)  # rows image-major
     images = torch.arange(n_images, device=device)  # images still searching, in batch order
     tokens = torch.full((n_images * K,), START_ID, dtype=torch.long, device=device)
     beam_log_prob = torch.zeros(n_images, K, device=device, dtype=torch.float64)  # (B, K)

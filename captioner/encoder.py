@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -207,10 +208,7 @@ def fold_batch_norms(body: nn.Module) -> int:
         logger.info("%s cannot be traced, its batch norms stay apart: %s", type(body).__name__, error)
         return 0
     modules = dict(body.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
@@ -219,12 +217,16 @@ def fold_batch_norms(body: nn.Module) -> int:
         if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1):
             continue
         conv, norm = modules[source.target], modules[node.target]
-        # A module called at more than one place cannot absorb a norm that follows only one of them.
-        if isinstance(conv, nn.Conv2d) and calls[source.target] == 1 and calls[node.target] == 1:
+        # A module called at more than one place cannot absorb a norm that follows only one of them;
+        # a norm in training mode or without running statistics is no fixed affine map.
+        if (
+            isinstance(conv, nn.Conv2d)
+            and calls[source.target] == 1
+            and calls[node.target] == 1
+            and not (conv.training or norm.training or norm.running_mean is None)
+        ):
             pairs.append((source.target, node.target, conv, norm))
     for conv_name, norm_name, conv, norm in pairs:
-        if conv.training or norm.training or norm.running_mean is None:
-            continue
         _replace(body, conv_name, fuse_conv_bn_eval(conv, norm))
         _replace(body, norm_name, nn.Identity())
     return len(pairs)

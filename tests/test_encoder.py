@@ -10,9 +10,11 @@ from captioner.config import EncoderConfig
 from captioner.encoder import (
     BACKBONES,
     Encoder,
+    activations_in_place,
     build_lite0_classifier,
     fold_batch_norms,
     grid_size_for,
+    pad_inside_convolutions,
     preprocessing_for,
 )
 
@@ -194,3 +196,57 @@ def test_a_cnn_that_cannot_be_traced_is_left_as_it_is() -> None:
         assert fold_batch_norms(net) == 0
         torch.testing.assert_close(net(pixels), expected)
     assert isinstance(net.norm, torch.nn.BatchNorm2d)
+
+
+def test_lite0_convolutions_take_over_their_symmetric_padding_and_compute_the_same() -> None:
+    torch.manual_seed(5)
+    original = build_lite0_classifier(None).eval()
+    moved = build_lite0_classifier(None).eval()
+    moved.load_state_dict(original.state_dict())
+    assert pad_inside_convolutions(moved) == 12  # every stride-1 convolution with a kernel above 1x1
+    assert moved.state_dict().keys() == original.state_dict().keys(), "checkpoints keep their names"
+    pads = [m for m in moved.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    assert len(pads) == 5 and all(pad.padding[0] != pad.padding[1] for pad in pads), "strided ones keep theirs"
+    for size in (224, 256):
+        pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            torch.testing.assert_close(moved.extract_features(pixels), original.extract_features(pixels))
+
+
+class _Activations(torch.nn.Module):
+    """A ReLU called twice on fresh convolution outputs, one whose convolution also feeds a skip
+    connection, and one called once on a fresh output and once on the network's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3, self.conv4 = (torch.nn.Conv2d(3, 3, 1) for _ in range(4))
+        self.twice_fresh = torch.nn.ReLU()
+        self.beside_skip = torch.nn.ReLU6()
+        self.once_on_input = torch.nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.twice_fresh(self.conv1(x))
+        y = self.twice_fresh(self.conv2(y))
+        z = self.conv3(y)
+        y = self.beside_skip(z) + z
+        return self.once_on_input(self.conv4(y)) + self.once_on_input(x)
+
+
+def test_activations_run_in_place_only_where_nothing_else_reads_their_input() -> None:
+    net = _Activations().eval()
+    pixels = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = net(pixels.clone())
+        assert activations_in_place(net) == 1
+        given = pixels.clone()
+        torch.testing.assert_close(net(given), expected)
+    assert torch.equal(given, pixels), "the network's input is never overwritten"
+    assert net.twice_fresh.inplace and not net.beside_skip.inplace and not net.once_on_input.inplace
+
+
+def test_a_prepared_lite0_runs_its_activations_in_place() -> None:
+    encoder = Encoder(EncoderConfig(backbone="efficientnet_lite0", weights=None))
+    relus = [m for m in encoder.modules() if isinstance(m, torch.nn.ReLU6)]
+    assert relus and not any(m.inplace for m in relus)
+    encoder.prepare_for_inference()
+    assert all(m.inplace for m in relus)

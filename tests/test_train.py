@@ -32,6 +32,7 @@ from training.train import (
     build_optimizer,
     build_parser,
     epoch_order,
+    git_commit,
     load_config,
     main,
     parameter_checksum,
@@ -420,3 +421,19 @@ def test_the_cli_reports_bad_data_as_an_error_naming_the_file(tmp_path: Path) ->
     assert result.returncode == 2
     assert f"error: {bad}: caption 0 of image a.jpg (a.jpg) is empty" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_commit_of_a_run_is_read_once_so_later_commits_do_not_relabel_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    git_commit.cache_clear()
+    first = git_commit()
+    if first is None:
+        pytest.skip("not running from a git checkout, so there is no commit to record")
+
+    def another_head(*args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(args, 0, stdout="0" * 40 + "\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", another_head)
+    assert git_commit() == first
+    git_commit.cache_clear()
+    assert git_commit() == "0" * 40, "the stand-in for a later commit is what a fresh read sees"
+    git_commit.cache_clear()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import logging
 import math
@@ -810,8 +811,10 @@ def save_model_dir(directory: Path, trainer: Trainer, data: Data, progress: Prog
     save_model(directory, trainer.model, info)
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """The commit of the code that trained the model, when it runs from a git checkout."""
+    """The commit of the code that trained the model, when it runs from a git checkout. Read once,
+    when the run starts (``main``): a commit made while a run trains is not the code it runs."""
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
@@ -888,6 +891,7 @@ class MetricsLog:
 def main(args: argparse.Namespace) -> dict[str, float]:
     """Train as ``args`` (from ``build_parser``) says; returns the last validation scores and the best
     score. Raises CaptionerError subclasses for bad configuration or data."""
+    git_commit()  # the code as it is now, before a long run outlives it
     config = config_from_args(args)
     d, device = setup_distributed(config.train)
     try:

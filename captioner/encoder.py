@@ -351,7 +351,7 @@ class Encoder(nn.Module):
         feature cache): its state dict changes (the norms are gone), so it is never saved afterwards.
         The features agree with the unprepared encoder's to float rounding. Channels-last (NHWC) is
         the layout oneDNN's CPU convolutions and cuDNN's tensor-core kernels are fastest on. On a
-        2-core CPU, EfficientNet-Lite0 at 224 px takes about 1.3x less time per image prepared than
+        2-core CPU, EfficientNet-Lite0 at 224 px takes 1.4-1.7x less time per image prepared than
         not, at batch sizes 1, 4 and 16 (``bench/caption_throughput.py --compare-unprepared``)."""
         if not self.frozen:
             raise ValueError("only a frozen encoder can be prepared for inference")

@@ -76,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = ServerSettings.from_env(env)
         # Each worker's model gets its share of the cores unless told otherwise: only the batcher
-        # thread runs torch operations (request threads decode and normalise with PIL and numpy), so
-        # its intra-op threads are the only compute threads of the worker. More threads than cores
+        # thread and the encoder threads it hands slices to run torch operations (request threads
+        # decode and normalise with PIL and numpy), and the encoder runs one thread per intra-op
+        # thread, so this count sets the worker's compute threads. More threads than cores
         # across the workers would leave OpenMP threads spinning while others hold the cores.
         env.setdefault("CAPTIONER_TORCH_THREADS", str(max(1, _usable_cores() // settings.workers)))
         ServiceConfig.from_env(env)

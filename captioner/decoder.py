@@ -11,7 +11,7 @@ L stacked layers, V vocabulary size, T caption length.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,20 +25,45 @@ class Memory:
     """What the decoder reads from an image, computed once per image by ``Decoder.init_state``.
 
     With ``DecoderConfig.positions`` a region's value is ``a_i + P p_i`` (its feature plus its
-    embedded grid position). The two parts are kept apart: the context is ``sum_i alpha_i a_i +
-    P sum_i alpha_i p_i``, the same sum, but the (B, R, C) features then need no gradient at any step
-    (training on cached features only learns ``P``), which is most of a step's backward cost.
+    embedded grid position). For training the two parts are kept apart: the context is ``sum_i
+    alpha_i a_i + P sum_i alpha_i p_i``, the same sum, but the (B, R, C) features then need no
+    gradient at any step (training on cached features only learns ``P``), which is most of a step's
+    backward cost.
+
+    For decoding the context itself is never formed. It enters the model only through two linear
+    maps, the first layer's input weights and the deep output's ``L_z``, so both are applied to every
+    region's value once per image (``projected``) and a step reads ``sum_i alpha_i (W v_i)``: a
+    (B, R, G + E) weighted sum in place of a (B, C) x (C, G + E) product per row and per step, which
+    on a CPU is bound by reading the weights.
+
+    Several consecutive rows of the decoder's batch may share an image (``rows_per_image``: the beams
+    of a beam search); the memory then holds each image once.
     """
 
-    features: torch.Tensor  # (B, R, C) region features a_i
+    keys: torch.Tensor  # (N, R, A) the attention's W_a (a_i + P p_i), cached so no step recomputes it
+    features: torch.Tensor | None  # (N, R, C) region features a_i; None when projected
     positions: torch.Tensor | None  # (R, C) embedded grid positions P p_i, shared by every image
-    keys: torch.Tensor  # (B, R, A) the attention's W_a (a_i + P p_i), cached so no step recomputes it
-    mean: torch.Tensor  # (B, C) mean region value, the context of the "mean" ablation
+    mean: torch.Tensor | None  # (N, C) mean region value, the context of the "mean" ablation
+    projected: torch.Tensor | None = None  # (N, R, G + E) values through the context's linear maps
+    rows_per_image: int = 1
 
-    def select(self, rows: torch.Tensor) -> Memory:
-        """Rows of the batch in a new order (beam expansion, dropping finished images, captions of
-        the same image)."""
-        return Memory(self.features[rows], self.positions, self.keys[rows], self.mean[rows])
+    def select(self, images: torch.Tensor) -> Memory:
+        """Images in a new order (dropping finished images, captions of the same image)."""
+
+        def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[images]
+
+        return Memory(
+            self.keys[images], pick(self.features), self.positions, pick(self.mean), pick(self.projected),
+            self.rows_per_image,
+        )  # fmt: skip
+
+    def one_row_per_image(self) -> Memory:
+        """The same memory with each image repeated for each of its rows, so rows can leave one by one."""
+        if self.rows_per_image == 1:
+            return self
+        images = torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(self.rows_per_image)
+        return replace(self.select(images), rows_per_image=1)
 
 
 @dataclass(frozen=True)
@@ -58,7 +83,7 @@ class Step:
 
     embedded: torch.Tensor  # (B, E) embedding of the word read at this step, E y_{t-1}
     hidden: torch.Tensor  # (B, H) top layer's new hidden state h_t
-    context: torch.Tensor  # (B, C) gated context z_t
+    readout: torch.Tensor | None  # (B, E) the gated context's term in the deep output, L_z z_t
     state: State
     alpha: torch.Tensor  # (B, R) attention weights of this step
 
@@ -103,6 +128,8 @@ class Decoder(nn.Module):
         # Initial state: h_0, c_0 = f_init(mean_i a_i), one slice per layer.
         self.init_h = nn.Linear(C, L * H)
         self.init_c = nn.Linear(C, L * H) if config.cell == "lstm" else None
+        # The cells hold the weights (and their checkpoint names); ``_update`` does their math, because
+        # decoding reads the first layer's input [E y_{t-1}; z_t] in two parts (see ``_first_layer_input``).
         cell = nn.LSTMCell if config.cell == "lstm" else nn.GRUCell
         self.cells = nn.ModuleList([cell(E + C if i == 0 else H, H) for i in range(L)])
         self.dropout = nn.Dropout(config.dropout)
@@ -114,34 +141,95 @@ class Decoder(nn.Module):
         else:
             self.output = nn.Linear(H, V)
 
-    def init_state(self, features: torch.Tensor) -> tuple[Memory, State]:
-        B, L, H = features.shape[0], self.config.num_layers, self.config.hidden_dim
-        positions, values = None, features  # values: (B, R, C) a_i (+ P p_i)
+    @property
+    def gate_count(self) -> int:
+        """G: the width of a cell's gate pre-activations (4H for an LSTM, 3H for a GRU)."""
+        return self.cells[0].weight_ih.shape[0]
+
+    def project_context(self, values: torch.Tensor) -> torch.Tensor:
+        """Every linear map the gated context z_t goes through, applied to region values (..., C):
+        the first layer's input weights on z_t (..., G), then (deep output) L_z (..., E)."""
+        on_context = F.linear(values, self.cells[0].weight_ih[:, self.config.embed_dim :])  # (..., G)
+        if not self.config.deep_output:
+            return on_context
+        # The outputs are joined, not the weights: a weight copy per call would cost more than the
+        # products it feeds for a small batch.
+        return torch.cat([on_context, self.output_context(values)], dim=-1)  # (..., G + E)
+
+    def init_state(
+        self, features: torch.Tensor, rows_per_image: int = 1, projected: bool = False
+    ) -> tuple[Memory, State]:
+        """The memory of each image of ``features`` (N, R, C) and the first state of its
+        ``rows_per_image`` consecutive rows (N * rows_per_image rows). ``projected`` builds the
+        memory that only decoding can use (see ``Memory``)."""
+        N, L, H = features.shape[0], self.config.num_layers, self.config.hidden_dim
+        positions, values = None, features  # values: (N, R, C) a_i (+ P p_i)
         if self.position is not None:
             positions = self.position(grid_positions(features.shape[1], features))  # (R, C)
-            values = features + positions  # (B, R, C)
-        mean = values.mean(dim=1)  # (B, C)
-        keys = self.attention_features(values)  # (B, R, A)
-        h = torch.tanh(self.init_h(mean)).view(B, L, H).transpose(0, 1).contiguous()  # (L, B, H)
-        c = None
-        if self.init_c is not None:
-            c = torch.tanh(self.init_c(mean)).view(B, L, H).transpose(0, 1).contiguous()  # (L, B, H)
-        return Memory(features, positions, keys, mean), State(h, c)
+            values = features + positions  # (N, R, C)
+        mean = values.mean(dim=1)  # (N, C)
+        keys = self.attention_features(values)  # (N, R, A)
+        h = torch.tanh(self.init_h(mean)).view(N, L, H).transpose(0, 1)  # (L, N, H)
+        c = torch.tanh(self.init_c(mean)).view(N, L, H).transpose(0, 1) if self.init_c is not None else None
+        state = State(h.contiguous(), None if c is None else c.contiguous())
+        if rows_per_image > 1:
+            state = state.select(torch.arange(N, device=features.device).repeat_interleave(rows_per_image))
+        if projected:
+            return Memory(keys, None, None, None, self.project_context(values), rows_per_image), state
+        return Memory(keys, features, positions, mean, None, rows_per_image), state
 
-    def attend(self, memory: Memory, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft attention of the previous top hidden state ``h`` (B, H) over the regions."""
-        B, R, _ = memory.features.shape
+    def attention_weights(self, memory: Memory, h: torch.Tensor) -> torch.Tensor:
+        """Soft attention of the previous top hidden state ``h`` (B, H) over the regions: alpha (B, R)."""
+        N, R, A = memory.keys.shape
         if self.config.attention == "mean":
-            alpha = torch.full((B, R), 1.0 / R, dtype=h.dtype, device=h.device)  # (B, R)
-            return memory.mean, alpha
-        query = self.attention_hidden(h).unsqueeze(1)  # (B, 1, A)
+            return torch.full((h.shape[0], R), 1.0 / R, dtype=h.dtype, device=h.device)  # (B, R)
+        query = self.attention_hidden(h).view(N, -1, 1, A)  # (N, rows per image, 1, A)
         # In place: the sum is needed by nothing else, and a (B, R, A) buffer fewer per step counts.
-        scores = self.attention_score((memory.keys + query).tanh_()).squeeze(2)  # (B, R)
-        alpha = scores.softmax(dim=1)  # (B, R)
-        context = torch.bmm(alpha.unsqueeze(1), memory.features).squeeze(1)  # (B, C)
-        if memory.positions is not None:
-            context = context + alpha @ memory.positions  # (B, C)
-        return context, alpha
+        scores = self.attention_score((memory.keys.unsqueeze(1) + query).tanh_())  # (N, rows per image, R, 1)
+        return scores.view(-1, R).softmax(dim=1)  # (B, R)
+
+    def _first_layer_input(
+        self, embedded: torch.Tensor, memory: Memory, alpha: torch.Tensor, gate: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first layer's input gates W_i [E y_{t-1}; z_t] + b_i (B, G) and the deep output's
+        L_z z_t (B, E) (None without a deep output), for the gated context z_t = beta_t sum_i alpha_i v_i."""
+        N, R = memory.keys.shape[:2]
+        per_image = alpha.view(N, -1, R)  # (N, rows per image, R)
+        first, E = self.cells[0], self.config.embed_dim
+        if memory.projected is not None:  # decoding: sum_i alpha_i (W v_i), z_t itself is never formed
+            read = torch.bmm(per_image, memory.projected).flatten(0, 1)  # (B, G [+ E])
+            if gate is not None:
+                read = gate * read
+            G = self.gate_count
+            input_gates = F.linear(embedded, first.weight_ih[:, :E], first.bias_ih) + read[:, :G]  # (B, G)
+            return input_gates, (read[:, G:] if self.config.deep_output else None)
+        assert memory.features is not None and memory.mean is not None
+        if self.config.attention == "mean":
+            context = memory.mean.repeat_interleave(memory.rows_per_image, dim=0)  # (B, C)
+        else:
+            context = torch.bmm(per_image, memory.features).flatten(0, 1)  # (B, C)
+            if memory.positions is not None:
+                context = context + alpha @ memory.positions  # (B, C)
+        if gate is not None:
+            context = gate * context  # (B, C) z_t
+        input_gates = F.linear(torch.cat([embedded, context], dim=1), first.weight_ih, first.bias_ih)  # (B, G)
+        return input_gates, (self.output_context(context) if self.config.deep_output else None)  # (B, E)
+
+    def _update(
+        self, layer: int, input_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer's recurrence from its input's gate pre-activations W_i x_t + b_i (B, G)."""
+        cell = self.cells[layer]
+        hidden_gates = F.linear(h, cell.weight_hh, cell.bias_hh)  # (B, G)
+        if c is not None:  # LSTM, gates in PyTorch's order: input, forget, cell, output
+            i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=1)  # (B, H) each
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
+            return torch.sigmoid(o) * torch.tanh(c), c  # (B, H), (B, H)
+        x_r, x_z, x_n = input_gates.chunk(3, dim=1)  # GRU: reset, update, new; (B, H) each
+        h_r, h_z, h_n = hidden_gates.chunk(3, dim=1)
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)  # (B, H)
+        n = torch.tanh(x_n + r * h_n)  # (B, H)
+        return (1 - z) * n + z * h, None  # (B, H)
 
     def step(self, tokens: torch.Tensor, state: State, memory: Memory) -> Step:
         """Read the previous word ``tokens`` (B,), attend, update the recurrent state."""
@@ -152,35 +240,32 @@ class Decoder(nn.Module):
         so the embedding's gradient is built once per batch rather than once per step as a dense
         (V, E) tensor."""
         h_top = state.h[-1]  # (B, H)
-        context, alpha = self.attend(memory, h_top)  # (B, C), (B, R)
-        if self.gate is not None:
-            context = torch.sigmoid(self.gate(h_top)) * context  # (B, C) gated context z_t
-        layer_input = torch.cat([embedded, context], dim=1)  # (B, E + C)
+        alpha = self.attention_weights(memory, h_top)  # (B, R)
+        gate = torch.sigmoid(self.gate(h_top)) if self.gate is not None else None  # (B, 1) beta_t
+        input_gates, readout = self._first_layer_input(embedded, memory, alpha, gate)  # (B, G), (B, E) or None
         hs, cs = [], []
         for i, cell in enumerate(self.cells):
             if i > 0:
-                layer_input = self.dropout(hs[-1])  # (B, H)
-            if state.c is None:
-                h = cell(layer_input, state.h[i])  # (B, H)
-            else:
-                h, c = cell(layer_input, (state.h[i], state.c[i]))  # (B, H), (B, H)
-                cs.append(c)
+                input_gates = F.linear(self.dropout(hs[-1]), cell.weight_ih, cell.bias_ih)  # (B, G)
+            h, c = self._update(i, input_gates, state.h[i], None if state.c is None else state.c[i])
             hs.append(h)
+            if c is not None:
+                cs.append(c)
         new_state = State(torch.stack(hs), torch.stack(cs) if cs else None)  # (L, B, H)
-        return Step(embedded, hs[-1], context, new_state, alpha)
+        return Step(embedded, hs[-1], readout, new_state, alpha)
 
-    def logits(self, embedded: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The output layer on a step's (..., E), (..., H), (..., C) -> word logits (..., V).
+    def logits(self, embedded: torch.Tensor, hidden: torch.Tensor, readout: torch.Tensor | None) -> torch.Tensor:
+        """The output layer on a step's (..., E), (..., H), (..., E) -> word logits (..., V).
 
         Nothing here feeds back into the recurrence, so teacher forcing applies it to all time steps
         at once, as a few large matrix multiplies instead of T small ones."""
-        if not self.config.deep_output:
+        if readout is None:
             return self.output(self.dropout(hidden))  # (..., V)
-        deep = embedded + self.output_hidden(self.dropout(hidden)) + self.output_context(context)  # (..., E)
+        deep = embedded + self.output_hidden(self.dropout(hidden)) + readout  # (..., E)
         return self.output(self.dropout(deep))  # (..., V)
 
     def step_logits(self, step: Step) -> torch.Tensor:
-        return self.logits(step.embedded, step.hidden, step.context)  # (B, V)
+        return self.logits(step.embedded, step.hidden, step.readout)  # (B, V)
 
     def forward(
         self, features: torch.Tensor, captions: torch.Tensor, image_of_caption: torch.Tensor | None = None
@@ -200,8 +285,8 @@ class Decoder(nn.Module):
             steps.append(self.advance(embedded[:, t], state, memory))
             state = steps[-1].state
         hidden = torch.stack([s.hidden for s in steps], dim=1)  # (B, T-1, H)
-        context = torch.stack([s.context for s in steps], dim=1)  # (B, T-1, C)
-        logits = self.logits(embedded, hidden, context)  # (B, T-1, V)
+        readout = torch.stack([s.readout for s in steps], dim=1) if self.config.deep_output else None  # (B, T-1, E)
+        logits = self.logits(embedded, hidden, readout)  # (B, T-1, V)
         return logits, torch.stack([s.alpha for s in steps], dim=1)  # (B, T-1, V), (B, T-1, R)
 
 

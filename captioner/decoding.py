@@ -106,14 +106,17 @@ def _next_log_probs(
     return log_probs, step.state, step.alpha
 
 
-def _init_rows(decoder: Decoder, features: torch.Tensor, copies: int) -> tuple[Memory, State]:
-    """The memory and first state of each image, computed once and repeated for its ``copies``
-    consecutive rows (beams, or independent samples): (B, R, C) -> B*copies rows."""
-    memory, state = decoder.init_state(features)
-    if copies == 1:
-        return memory, state
-    rows = torch.arange(features.shape[0], device=features.device).repeat_interleave(copies)  # (B*copies,)
-    return memory.select(rows), state.select(rows)
+# The projected memory (``Memory``) costs R products with the context's weights per image, once; the
+# plain one costs one per row and per step, and a step of a small batch is bound by reading those
+# weights, which takes about as long as WEIGHT_READ_ROWS rows' products (EfficientNet-Lite0's 1280
+# channels on a 2-core CPU: projecting pays for greedy search up to about 16 images, and for a beam
+# of 3 up to about 50). Captions take about EXPECTED_STEPS steps.
+WEIGHT_READ_ROWS = 40
+EXPECTED_STEPS = 12
+
+
+def _worth_projecting(images: int, rows: int, regions: int) -> bool:
+    return images * regions <= EXPECTED_STEPS * (rows + WEIGHT_READ_ROWS)
 
 
 def _search_one_path(
@@ -125,8 +128,10 @@ def _search_one_path(
 ) -> list[list[Hypothesis]]:
     """One hypothesis per row, extended by ``pick`` (argmax for greedy, a draw for sampling); each
     image gets ``copies`` rows in a row (independent draws), its memory computed once for them all."""
-    memory, state = _init_rows(decoder, features, copies)
     n = features.shape[0] * copies
+    projected = _worth_projecting(features.shape[0], n, features.shape[1])
+    memory, state = decoder.init_state(features, rows_per_image=copies, projected=projected)
+    memory = memory.one_row_per_image()  # rows end one by one, each taking its memory along
     active = torch.arange(n, device=features.device)  # rows still being extended
     tokens = torch.full((n,), START_ID, dtype=torch.long, device=features.device)
     history: list[list[tuple[int, float, torch.Tensor]]] = [[] for _ in range(n)]
@@ -170,7 +175,8 @@ def beam_search(decoder: Decoder, features: torch.Tensor, options: SearchOptions
     """
     K, device = options.beam_size, features.device
     n_images = features.shape[0]
-    memory, state = _init_rows(decoder, features, K)  # rows image-major
+    projected = _worth_projecting(n_images, n_images * K, features.shape[1])
+    memory, state = decoder.init_state(features, rows_per_image=K, projected=projected)  # rows image-major
     images = torch.arange(n_images, device=device)  # images still searching, in batch order
     tokens = torch.full((n_images * K,), START_ID, dtype=torch.long, device=device)
     beam_log_prob = torch.zeros(n_images, K, device=device, dtype=torch.float64)  # (B, K)
@@ -210,8 +216,8 @@ def beam_search(decoder: Decoder, features: torch.Tensor, options: SearchOptions
         tokens = word.gather(1, order).flatten()  # (B*K,)
         token_history = torch.cat([token_history[rows], tokens.unsqueeze(1)], dim=1)  # (B*K, t+1)
         attention_history = attention_so_far[rows]  # (B*K, t+1, R)
-        # An image's beams only ever come from its own K rows, whose memory rows are all the same:
-        # the memory needs no reordering (only the state does), which spares a copy of it every step.
+        # An image's beams only ever come from its own K rows, which share its memory: the memory
+        # needs no reordering (only the state does), which spares a copy of it every step.
         state = state.select(rows)
         searching = torch.tensor([len(finished[int(i)]) < K for i in images], dtype=torch.bool, device=device)  # (B,)
         if not bool(searching.any()):
@@ -222,5 +228,5 @@ def beam_search(decoder: Decoder, features: torch.Tensor, options: SearchOptions
             images, beam_log_prob = images[keep_images], beam_log_prob[keep_images]
             tokens, token_history = tokens[keep_rows], token_history[keep_rows]
             attention_history = attention_history[keep_rows]
-            state, memory = state.select(keep_rows), memory.select(keep_rows)
+            state, memory = state.select(keep_rows), memory.select(keep_images)
     return [sorted(hyps, key=lambda h: -h.score)[: options.n_best] for hyps in finished]

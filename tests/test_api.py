@@ -67,7 +67,9 @@ def test_paths_bytes_files_pil_and_tensors_caption_alike(captioner: Captioner, t
     pixels = captioner.preprocess(image)
     inputs = [image, data, bytearray(data), str(path), path, io.BytesIO(data), pixels]
     results = captioner.caption(inputs, beam_size=3, n_best=2)
-    assert len({(r.caption, r.score) for r in results}) == 1, "one image, one caption, whatever the input type"
+    assert len({r.caption for r in results}) == 1, "one image, one caption, whatever the input type"
+    # Scores may differ in the last bits: BLAS rounds the rows of a batch in a position-dependent order.
+    assert max(r.score for r in results) - min(r.score for r in results) < 1e-6
     single = captioner.caption(path, beam_size=3, n_best=2)
     assert isinstance(single, CaptionResult) and single.caption == results[0].caption
     assert [c.caption for c in single.n_best] == [c.caption for c in results[0].n_best]

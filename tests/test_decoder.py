@@ -78,12 +78,58 @@ def test_positions_enter_attention_and_context_as_if_added_to_every_feature() ->
     features = torch.randn(3, 9, 12, dtype=torch.float64)
     memory, state = decoder.init_state(features)
     values = features + memory.positions  # (B, R, C)
-    step = decoder.step(torch.tensor([1, 5, 6]), state, memory)
-    expected_context = torch.einsum("br,brc->bc", step.alpha, values)
     gate = torch.sigmoid(decoder.gate(state.h[-1]))
-    torch.testing.assert_close(step.context, gate * expected_context, rtol=0, atol=1e-12)
-    torch.testing.assert_close(memory.keys, decoder.attention_features(values), rtol=0, atol=1e-12)
-    torch.testing.assert_close(memory.mean, values.mean(dim=1), rtol=0, atol=1e-12)
+    for training_memory in (True, False):
+        memory, state = decoder.init_state(features, projected=not training_memory)
+        step = decoder.step(torch.tensor([1, 5, 6]), state, memory)
+        expected_context = gate * torch.einsum("br,brc->bc", step.alpha, values)  # (B, C) z_t
+        torch.testing.assert_close(step.readout, decoder.output_context(expected_context), rtol=0, atol=1e-12)
+        torch.testing.assert_close(memory.keys, decoder.attention_features(values), rtol=0, atol=1e-12)
+    training, _ = decoder.init_state(features)
+    torch.testing.assert_close(training.mean, values.mean(dim=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_decoding_memory_takes_the_same_steps_as_training_memory(overrides: dict) -> None:
+    """Decoding reads the context through its projections, once per image and shared by an image's
+    rows; every step must still be the one teacher forcing takes."""
+    decoder = make_decoder(**overrides).double()
+    features = torch.randn(2, 9, 12, dtype=torch.float64)
+    rows = torch.tensor([0, 0, 0, 1, 1, 1])  # three rows per image, as beams
+    training_memory, training_state = decoder.init_state(features)
+    training_memory, training_state = training_memory.select(rows), training_state.select(rows)
+    memory, state = decoder.init_state(features, rows_per_image=3, projected=True)
+    assert memory.projected is not None and memory.keys.shape[0] == 2, "each image is held once"
+    tokens = torch.randint(4, 30, (4, 6))
+    for t in range(tokens.shape[0]):
+        expected = decoder.step(tokens[t], training_state, training_memory)
+        step = decoder.step(tokens[t], state, memory)
+        torch.testing.assert_close(step.alpha, expected.alpha, rtol=0, atol=1e-12)
+        torch.testing.assert_close(step.state.h, expected.state.h, rtol=0, atol=1e-12)
+        torch.testing.assert_close(decoder.step_logits(step), decoder.step_logits(expected), rtol=0, atol=1e-12)
+        state, training_state = step.state, expected.state
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_recurrence_is_that_of_torch_cells(cell: str) -> None:
+    """The decoder does its cells' math itself (its first layer's input arrives in two parts); it
+    must be exactly what nn.LSTMCell and nn.GRUCell compute with the same weights."""
+    decoder = make_decoder(cell=cell, num_layers=2, gate=False).double()
+    features = torch.randn(3, 9, 12, dtype=torch.float64)
+    memory, state = decoder.init_state(features)
+    embedded = torch.randn(3, 8, dtype=torch.float64)
+    step = decoder.advance(embedded, state, memory)
+    context = torch.einsum("br,brc->bc", step.alpha, features)
+    layer_input, expected = torch.cat([embedded, context], dim=1), []
+    for i, torch_cell in enumerate(decoder.cells):
+        if cell == "lstm":
+            h, c = torch_cell(layer_input, (state.h[i], state.c[i]))
+            torch.testing.assert_close(step.state.c[i], c, rtol=0, atol=1e-12)
+        else:
+            h = torch_cell(layer_input, state.h[i])
+        expected.append(h)
+        layer_input = h
+    torch.testing.assert_close(step.state.h, torch.stack(expected), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"positions": True}, {"cell": "gru", "num_layers": 2}])
@@ -109,9 +155,13 @@ def test_feature_projection_is_computed_once_per_image_during_search() -> None:
     decoder = make_decoder()
     calls: list[tuple[int, ...]] = []
     decoder.attention_features.register_forward_hook(lambda _m, inputs, _o: calls.append(tuple(inputs[0].shape)))
+    context_maps: list[tuple[int, ...]] = []
+    decoder.output_context.register_forward_hook(lambda _m, inputs, _o: context_maps.append(tuple(inputs[0].shape)))
     with torch.no_grad():
         search(decoder, torch.randn(4, 9, 12), SearchOptions(beam_size=3, max_length=6))
     assert len(calls) == 1, "W_a a_i must be cached, not recomputed at each step"
+    assert calls[0] == (4, 9, 12), "once per image, not once per beam"
+    assert context_maps == [(4, 9, 12)], "L_z is applied to the regions once per image, never to a step's context"
 
 
 def test_dropout_is_active_only_in_training_mode() -> None:

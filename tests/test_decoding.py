@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from captioner import decoding
 from captioner.config import DecoderConfig
 from captioner.decoder import Decoder
 from captioner.decoding import SearchOptions, search
@@ -43,6 +44,38 @@ def test_batched_search_equals_one_image_at_a_time(dtype: torch.dtype, tolerance
             assert abs(a.score - b.score) <= tolerance
             assert abs(a.log_prob - b.log_prob) <= tolerance
             torch.testing.assert_close(a.attention, b.attention, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SearchOptions(beam_size=1, max_length=10),
+        SearchOptions(beam_size=3, n_best=3, max_length=10),
+        SearchOptions(sample=True, n_best=3, max_length=10, temperature=0.8),
+    ],
+    ids=["greedy", "beam", "sampling"],
+)
+def test_search_finds_the_same_captions_with_either_memory(options: SearchOptions, monkeypatch) -> None:
+    """Whether a search reads the context through the projected memory is a matter of speed only."""
+    decoder = make_decoder(dtype=torch.float64, end_bias=1.0)
+    images = features(5, dtype=torch.float64)
+    found = {}
+    for projected, weight_read_rows in ((True, 10**9), (False, -(10**9))):
+        monkeypatch.setattr(decoding, "WEIGHT_READ_ROWS", weight_read_rows)
+        with torch.no_grad():
+            found[projected] = search(decoder, images, options, torch.Generator().manual_seed(0))
+    for hyps, plain_hyps in zip(found[True], found[False], strict=True):
+        assert [h.tokens for h in hyps] == [h.tokens for h in plain_hyps]
+        for a, b in zip(hyps, plain_hyps, strict=True):
+            assert abs(a.log_prob - b.log_prob) <= 1e-12
+            torch.testing.assert_close(a.attention, b.attention, rtol=0, atol=1e-12)
+
+
+def test_projecting_the_memory_is_chosen_where_it_pays() -> None:
+    assert decoding._worth_projecting(images=1, rows=1, regions=49), "a single image's steps are bound by the weights"
+    assert decoding._worth_projecting(images=32, rows=96, regions=49), "a beam of 3 over 32 images"
+    assert not decoding._worth_projecting(images=64, rows=64, regions=49), "greedy search over many images"
+    assert not decoding._worth_projecting(images=8, rows=8, regions=196), "a 14x14 grid costs 4x to project"
 
 
 def test_beam_size_one_equals_greedy_and_beam_search_finds_no_worse() -> None:

@@ -1,15 +1,16 @@
 """Throughput and latency of the HTTP service, with and without dynamic batching, against the batch CLI.
 
-    python bench/service_load.py [--model DIR] [--requests 256] [--images 32] [--cli-images 128] [--size 224]
+    python bench/service_load.py [--model DIR] [--requests 256] [--images 32] [--cli-images 256] [--size 224]
                                  [--clients 1,4,16] [--workers 1] [--beam-size 3] [--max-length 20]
 
 Starts ``python -m service`` (one worker unless --workers says otherwise) twice on a free local
 port: with batching (max batch 16) and without (max batch 1). At each number of concurrent clients,
 every client sends one image per request over its own kept-alive connection, first a warm-up round,
-then the measured one; reported are requests per second and the p50/p95/p99 latency. Then
-``python -m captioner.cli caption`` captions the same images (copied to --cli-images files) with the
-same model and options; its images per second exclude the process start-up and model loading (a run
-on one image is timed and subtracted), which is the stricter comparison.
+then the measured one; reported are requests per second and the p50/p95/p99 latency. At the highest
+number of clients each round is followed by one of ``python -m captioner.cli caption`` on the same
+images (copied to --cli-images files) with the same model and options, so that the service and the
+CLI are measured under the same load from elsewhere; the CLI's images per second exclude the process
+start-up and model loading (a run on one image is timed and subtracted), the stricter comparison.
 
 The last line printed is one JSON object, holding among others ``batching_speedup_16`` (requests/s
 with batching over without, at 16 clients) and ``service_vs_cli`` (the service's images/s at 16
@@ -145,9 +146,12 @@ def run_clients(port: int, images: list[bytes], clients: int, total: int, query:
     }
 
 
-def measure_services(args: argparse.Namespace, images: list[bytes], workdir: Path) -> dict[str, dict[str, Any]]:
+def measure_services(
+    args: argparse.Namespace, images: list[bytes], workdir: Path, cli: CliTimer
+) -> dict[str, dict[str, Any]]:
     """Both services run side by side and are measured in alternation, round after round, so that load
-    from elsewhere on the machine affects both alike; each keeps its best round (highest throughput)."""
+    from elsewhere on the machine affects both alike; each keeps its best round (highest throughput).
+    At the highest number of clients each round is followed by a round of the CLI, for the same reason."""
     query = f"beam_size={args.beam_size}&max_length={args.max_length}"
     modes = {"batching": 16, "no_batching": 1}
     services = {
@@ -169,6 +173,8 @@ def measure_services(args: argparse.Namespace, images: list[bytes], workdir: Pat
                     best = results[name].get(str(clients))
                     if best is None or measured["requests_per_s"] > best["requests_per_s"]:
                         results[name][str(clients)] = measured
+                if clients == max(args.clients):
+                    cli.round()
             for name in modes:
                 print(f"{name:>11}, {clients:>2} clients: {results[name][str(clients)]}", flush=True)
     finally:
@@ -177,43 +183,53 @@ def measure_services(args: argparse.Namespace, images: list[bytes], workdir: Pat
     return results
 
 
-def time_cli(args: argparse.Namespace, folder: Path, workdir: Path, name: str) -> float:
-    output = workdir / f"{name}.jsonl"
-    output.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "captioner.cli", "caption", str(folder), "--output", str(output)]
-    command += ["--beam-size", str(args.beam_size), "--max-length", str(args.max_length)]
-    if args.model:
-        command += ["--model", args.model]
-    started = time.perf_counter()
-    finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if finished.returncode != 0:
-        raise SystemExit(f"the CLI failed ({finished.returncode}): {finished.stderr[-2000:]}")
-    return elapsed
+class CliTimer:
+    """``captioner caption`` on copies of the images, timed round by round; its images per second
+    exclude the process start-up and model loading (a run on one image is timed and subtracted)."""
 
+    def __init__(self, args: argparse.Namespace, images: list[bytes], workdir: Path) -> None:
+        self.args, self.workdir = args, workdir
+        self.many, self.one = workdir / "images", workdir / "one-image"
+        self.many.mkdir()
+        self.one.mkdir()
+        # Enough files that the run is long compared with the start-up subtracted from it.
+        self.count = max(len(images), args.cli_images)
+        for index in range(self.count):
+            (self.many / f"{index:04d}.jpg").write_bytes(images[index % len(images)])
+        (self.one / "0000.jpg").write_bytes(images[0])
+        self.startups: list[float] = []
+        self.totals: list[float] = []
+        self._time(self.one)  # fills the OS file cache for the model and libraries
 
-def measure_cli(args: argparse.Namespace, images: list[bytes], workdir: Path) -> dict[str, float]:
-    """Images per second of ``captioner caption`` on the same images, start-up excluded."""
-    many, one = workdir / "images", workdir / "one-image"
-    many.mkdir()
-    one.mkdir()
-    # Enough files that the run is long compared with the start-up subtracted from it.
-    count = max(len(images), args.cli_images)
-    for index in range(count):
-        (many / f"{index:04d}.jpg").write_bytes(images[index % len(images)])
-    (one / "0000.jpg").write_bytes(images[0])
-    time_cli(args, one, workdir, "warm-up")  # fills the OS file cache for the model and libraries
-    startup = min(time_cli(args, one, workdir, "one") for _ in range(args.rounds))
-    total = min(time_cli(args, many, workdir, "many") for _ in range(args.rounds))
-    if total <= startup:
-        raise SystemExit(f"the CLI run on {count} images was no longer than on one: too noisy to measure")
-    return {
-        "images": count,
-        "seconds": round(total, 2),
-        "startup_seconds": round(startup, 2),
-        "images_per_s": round((count - 1) / (total - startup), 2),
-        "images_per_s_with_startup": round(count / total, 2),
-    }
+    def round(self) -> None:
+        self.startups.append(self._time(self.one))
+        self.totals.append(self._time(self.many))
+
+    def result(self) -> dict[str, float]:
+        startup, total = min(self.startups), min(self.totals)
+        if total <= startup:
+            raise SystemExit(f"the CLI run on {self.count} images was no longer than on one: too noisy to measure")
+        return {
+            "images": self.count,
+            "seconds": round(total, 2),
+            "startup_seconds": round(startup, 2),
+            "images_per_s": round((self.count - 1) / (total - startup), 2),
+            "images_per_s_with_startup": round(self.count / total, 2),
+        }
+
+    def _time(self, folder: Path) -> float:
+        output = self.workdir / "cli.jsonl"
+        output.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "captioner.cli", "caption", str(folder), "--output", str(output)]
+        command += ["--beam-size", str(self.args.beam_size), "--max-length", str(self.args.max_length)]
+        if self.args.model:
+            command += ["--model", self.args.model]
+        started = time.perf_counter()
+        finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        elapsed = time.perf_counter() - started
+        if finished.returncode != 0:
+            raise SystemExit(f"the CLI failed ({finished.returncode}): {finished.stderr[-2000:]}")
+        return elapsed
 
 
 def main() -> None:
@@ -221,7 +237,7 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (default: the service's default model)")
     parser.add_argument("--requests", type=int, default=256, help="measured requests per concurrency level")
     parser.add_argument("--images", type=int, default=32, help="distinct images")
-    parser.add_argument("--cli-images", type=int, default=128, help="files (copies of the images) the CLI captions")
+    parser.add_argument("--cli-images", type=int, default=256, help="files (copies of the images) the CLI captions")
     parser.add_argument("--workers", type=int, default=1, help="service worker processes")
     parser.add_argument("--rounds", type=int, default=3, help="measurements per mode and level; the best is kept")
     parser.add_argument("--size", type=int, default=224, help="side of the square test images in pixels")
@@ -235,8 +251,9 @@ def main() -> None:
     images = make_images(args.images, args.size)
     with tempfile.TemporaryDirectory(prefix="service-load-") as temporary:
         workdir = Path(temporary)
-        services = measure_services(args, images, workdir)
-        cli = measure_cli(args, images, workdir)
+        cli_timer = CliTimer(args, images, workdir)
+        services = measure_services(args, images, workdir, cli_timer)
+        cli = cli_timer.result()
     batching, unbatched = services["batching"], services["no_batching"]
     print(f"CLI: {cli}", flush=True)
     top = str(max(args.clients))

@@ -30,11 +30,12 @@ class Memory:
     gradient at any step (training on cached features only learns ``P``), which is most of a step's
     backward cost.
 
-    For decoding the context itself is never formed. It enters the model only through two linear
-    maps, the first layer's input weights and the deep output's ``L_z``, so both are applied to every
-    region's value once per image (``projected``) and a step reads ``sum_i alpha_i (W v_i)``: a
-    (B, R, G + E) weighted sum in place of a (B, C) x (C, G + E) product per row and per step, which
-    on a CPU is bound by reading the weights.
+    A projected memory, which only decoding can use, never forms the context. The context enters the
+    model only through two linear maps, the first layer's input weights and the deep output's ``L_z``,
+    so both are applied to every region's value once per image (``projected``) and a step reads
+    ``sum_i alpha_i (W v_i)``: a (B, R, G + E) weighted sum in place of a (B, C) x (C, G + E) product
+    per row and per step, which for a small batch on a CPU is bound by reading the weights. Search
+    chooses it where it pays (``captioner.decoding._worth_projecting``).
 
     Several consecutive rows of the decoder's batch may share an image (``rows_per_image``: the beams
     of a beam search); the memory then holds each image once.

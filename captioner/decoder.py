@@ -84,7 +84,8 @@ class Step:
 
     embedded: torch.Tensor  # (B, E) embedding of the word read at this step, E y_{t-1}
     hidden: torch.Tensor  # (B, H) top layer's new hidden state h_t
-    readout: torch.Tensor | None  # (B, E) the gated context's term in the deep output, L_z z_t
+    context: torch.Tensor | None  # (B, C) gated context z_t (a plain memory; None with a projected one)
+    readout: torch.Tensor | None  # (B, E) L_z z_t as read from a projected memory (None with a plain one)
     state: State
     alpha: torch.Tensor  # (B, R) attention weights of this step
 
@@ -191,9 +192,10 @@ class Decoder(nn.Module):
 
     def _first_layer_input(
         self, embedded: torch.Tensor, memory: Memory, alpha: torch.Tensor, gate: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The first layer's input gates W_i [E y_{t-1}; z_t] + b_i (B, G) and the deep output's
-        L_z z_t (B, E) (None without a deep output), for the gated context z_t = beta_t sum_i alpha_i v_i."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The first layer's input gates W_i [E y_{t-1}; z_t] + b_i (B, G) for the gated context
+        z_t = beta_t sum_i alpha_i v_i, and either z_t (B, C) (a plain memory) or, from a projected one,
+        the deep output's L_z z_t (B, E) (None without a deep output)."""
         N, R = memory.keys.shape[:2]
         per_image = alpha.view(N, -1, R)  # (N, rows per image, R)
         first, E = self.cells[0], self.config.embed_dim
@@ -203,7 +205,7 @@ class Decoder(nn.Module):
                 read = gate * read
             G = self.gate_count
             input_gates = F.linear(embedded, first.weight_ih[:, :E], first.bias_ih) + read[:, :G]  # (B, G)
-            return input_gates, (read[:, G:] if self.config.deep_output else None)
+            return input_gates, None, (read[:, G:] if self.config.deep_output else None)
         assert memory.features is not None and memory.mean is not None
         if self.config.attention == "mean":
             context = memory.mean.repeat_interleave(memory.rows_per_image, dim=0)  # (B, C)
@@ -214,7 +216,7 @@ class Decoder(nn.Module):
         if gate is not None:
             context = gate * context  # (B, C) z_t
         input_gates = F.linear(torch.cat([embedded, context], dim=1), first.weight_ih, first.bias_ih)  # (B, G)
-        return input_gates, (self.output_context(context) if self.config.deep_output else None)  # (B, E)
+        return input_gates, context, None
 
     def _update(
         self, layer: int, input_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
@@ -243,7 +245,7 @@ class Decoder(nn.Module):
         h_top = state.h[-1]  # (B, H)
         alpha = self.attention_weights(memory, h_top)  # (B, R)
         gate = torch.sigmoid(self.gate(h_top)) if self.gate is not None else None  # (B, 1) beta_t
-        input_gates, readout = self._first_layer_input(embedded, memory, alpha, gate)  # (B, G), (B, E) or None
+        input_gates, context, readout = self._first_layer_input(embedded, memory, alpha, gate)  # (B, G), ...
         hs, cs = [], []
         for i, cell in enumerate(self.cells):
             if i > 0:
@@ -253,7 +255,7 @@ class Decoder(nn.Module):
             if c is not None:
                 cs.append(c)
         new_state = State(torch.stack(hs), torch.stack(cs) if cs else None)  # (L, B, H)
-        return Step(embedded, hs[-1], readout, new_state, alpha)
+        return Step(embedded, hs[-1], context, readout, new_state, alpha)
 
     def logits(self, embedded: torch.Tensor, hidden: torch.Tensor, readout: torch.Tensor | None) -> torch.Tensor:
         """The output layer on a step's (..., E), (..., H), (..., E) -> word logits (..., V).
@@ -266,7 +268,13 @@ class Decoder(nn.Module):
         return self.output(self.dropout(deep))  # (..., V)
 
     def step_logits(self, step: Step) -> torch.Tensor:
-        return self.logits(step.embedded, step.hidden, step.readout)  # (B, V)
+        return self.logits(step.embedded, step.hidden, self.readout(step))  # (B, V)
+
+    def readout(self, step: Step) -> torch.Tensor | None:
+        """The gated context's term in the deep output, L_z z_t (B, E); None without a deep output."""
+        if not self.config.deep_output:
+            return None
+        return step.readout if step.readout is not None else self.output_context(step.context)
 
     def forward(
         self, features: torch.Tensor, captions: torch.Tensor, image_of_caption: torch.Tensor | None = None
@@ -286,7 +294,9 @@ class Decoder(nn.Module):
             steps.append(self.advance(embedded[:, t], state, memory))
             state = steps[-1].state
         hidden = torch.stack([s.hidden for s in steps], dim=1)  # (B, T-1, H)
-        readout = torch.stack([s.readout for s in steps], dim=1) if self.config.deep_output else None  # (B, T-1, E)
+        readout = None
+        if self.config.deep_output:  # L_z once for all steps: one large product instead of T-1 small ones
+            readout = self.output_context(torch.stack([s.context for s in steps], dim=1))  # (B, T-1, E)
         logits = self.logits(embedded, hidden, readout)  # (B, T-1, V)
         return logits, torch.stack([s.alpha for s in steps], dim=1)  # (B, T-1, V), (B, T-1, R)
 

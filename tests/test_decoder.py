@@ -83,7 +83,7 @@ def test_positions_enter_attention_and_context_as_if_added_to_every_feature() ->
         memory, state = decoder.init_state(features, projected=not training_memory)
         step = decoder.step(torch.tensor([1, 5, 6]), state, memory)
         expected_context = gate * torch.einsum("br,brc->bc", step.alpha, values)  # (B, C) z_t
-        torch.testing.assert_close(step.readout, decoder.output_context(expected_context), rtol=0, atol=1e-12)
+        torch.testing.assert_close(decoder.readout(step), decoder.output_context(expected_context), rtol=0, atol=1e-12)
         torch.testing.assert_close(memory.keys, decoder.attention_features(values), rtol=0, atol=1e-12)
     training, _ = decoder.init_state(features)
     torch.testing.assert_close(training.mean, values.mean(dim=1), rtol=0, atol=1e-12)

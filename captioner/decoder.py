@@ -218,11 +218,11 @@ class Decoder(nn.Module):
         input_gates = F.linear(torch.cat([embedded, context], dim=1), first.weight_ih, first.bias_ih)  # (B, G)
         return input_gates, context, None
 
+    @staticmethod
     def _update(
-        self, layer: int, input_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
+        cell: nn.LSTMCell | nn.GRUCell, input_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One layer's recurrence from its input's gate pre-activations W_i x_t + b_i (B, G)."""
-        cell = self.cells[layer]
         hidden_gates = F.linear(h, cell.weight_hh, cell.bias_hh)  # (B, G)
         if c is not None:  # LSTM, gates in PyTorch's order: input, forget, cell, output
             i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=1)  # (B, H) each
@@ -250,7 +250,7 @@ class Decoder(nn.Module):
         for i, cell in enumerate(self.cells):
             if i > 0:
                 input_gates = F.linear(self.dropout(hs[-1]), cell.weight_ih, cell.bias_ih)  # (B, G)
-            h, c = self._update(i, input_gates, state.h[i], None if state.c is None else state.c[i])
+            h, c = self._update(cell, input_gates, state.h[i], None if state.c is None else state.c[i])
             hs.append(h)
             if c is not None:
                 cs.append(c)
@@ -262,8 +262,9 @@ class Decoder(nn.Module):
 
         Nothing here feeds back into the recurrence, so teacher forcing applies it to all time steps
         at once, as a few large matrix multiplies instead of T small ones."""
-        if readout is None:
+        if not self.config.deep_output:
             return self.output(self.dropout(hidden))  # (..., V)
+        assert readout is not None, "a deep output reads the context's term L_z z_t"
         deep = embedded + self.output_hidden(self.dropout(hidden)) + readout  # (..., E)
         return self.output(self.dropout(deep))  # (..., V)
 

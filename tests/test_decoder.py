@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -60,6 +62,22 @@ def test_attention_weights_are_distributions_that_depend_on_the_state() -> None:
     torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 9))
 
 
+def test_attention_weights_are_the_papers_softmax_of_tanh_scores() -> None:
+    """The scores are computed through sigmoid; the weights must be softmax_i(w^T tanh(W_a a_i + W_h h + b) + b_w)."""
+    decoder = make_decoder().double()
+    features = torch.randn(3, 9, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.nn.init.normal_(decoder.attention_score.bias, std=3.0)  # a bias shift must not matter either
+        memory, state = decoder.init_state(features)
+        h = torch.randn_like(state.h[-1]) * 2  # (B, H), away from the initial state
+        x = decoder.attention_features(features) + decoder.attention_hidden(h).unsqueeze(1)  # (B, R, A)
+        expected = decoder.attention_score(torch.tanh(x)).squeeze(2).softmax(dim=1)  # (B, R)
+        torch.testing.assert_close(decoder.attention_weights(memory, h), expected, rtol=0, atol=1e-12)
+        rows = torch.tensor([0, 0, 1, 1, 2, 2])  # two rows per image, sharing its memory
+        shared = decoder.attention_weights(replace(memory, rows_per_image=2), h[rows])
+        torch.testing.assert_close(shared, expected[rows], rtol=0, atol=1e-12)
+
+
 def test_positions_let_attention_tell_identical_regions_apart() -> None:
     same_everywhere = torch.randn(1, 1, 12).expand(2, 9, 12)
     captions = torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2]])
@@ -84,7 +102,7 @@ def test_positions_enter_attention_and_context_as_if_added_to_every_feature() ->
         step = decoder.step(torch.tensor([1, 5, 6]), state, memory)
         expected_context = gate * torch.einsum("br,brc->bc", step.alpha, values)  # (B, C) z_t
         torch.testing.assert_close(decoder.readout(step), decoder.output_context(expected_context), rtol=0, atol=1e-12)
-        torch.testing.assert_close(memory.keys, decoder.attention_features(values), rtol=0, atol=1e-12)
+        torch.testing.assert_close(memory.keys, 2 * decoder.attention_features(values), rtol=0, atol=1e-12)
     training, _ = decoder.init_state(features)
     torch.testing.assert_close(training.mean, values.mean(dim=1), rtol=0, atol=1e-12)
 

@@ -10,16 +10,20 @@ tokens per second. By default every caption of the batch has its own image; with
 ``--captions-per-image 5`` the batch holds 5 captions of each image, as the training script's
 batches do, and the per-image work is done (and counted) once per image. MFU is the useful FLOPs
 per second of that training (the matrix multiplies of the model, forward and backward, counted in
-``training_flops``) over this machine's float32 matrix-multiply FLOP/s, measured in the same run.
-Element-wise work (tanh, softmax, the LSTM gates) is not counted as useful. The last line printed
-is one JSON object.
+``training_flops``) over this machine's float32 matrix-multiply FLOP/s. A shared or throttled
+machine changes speed from one minute to the next, so the two are measured in alternating rounds
+(a matmul window, then a few training iterations) and each round's MFU compares figures taken
+seconds apart; the median round is reported. Element-wise work (the attention's squashing,
+softmax, the LSTM gates) is not counted as useful. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -27,8 +31,8 @@ from captioner.config import DecoderConfig
 from captioner.decoder import Decoder, caption_loss
 
 
-def matmul_flops_per_second(device: torch.device, size: int = 2048, seconds: float = 3.0) -> float:
-    """The best sustained float32 matrix-multiply rate over a few timed rounds."""
+def matmul_flops_per_second(device: torch.device, size: int = 2048, seconds: float = 1.0) -> float:
+    """The best sustained float32 matrix-multiply rate over the timed groups of a window."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     best = 0.0
@@ -67,8 +71,14 @@ def training_flops(config: DecoderConfig, regions: int, steps: int, captions: in
     return 2.0 * per_image * images + (2.0 * context + 3.0 * per_step) * steps * captions
 
 
-def measure_training(args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
-    """Seconds per iteration (median of the timed ones) and the iteration's useful FLOPs."""
+@dataclass(frozen=True)
+class Round:
+    matmul_flops_per_s: float  # this machine's float32 matmul rate, measured just before the iterations
+    seconds_per_iteration: float  # median of the round's training iterations
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> tuple[list[Round], float]:
+    """Alternating rounds of the matmul reference and training iterations, and one iteration's useful FLOPs."""
     config = DecoderConfig(
         vocab_size=args.vocab_size,
         feature_dim=args.channels,
@@ -87,8 +97,8 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> tuple[fl
         image_of_caption = torch.arange(args.batch_size, device=device) // args.captions_per_image
     captions = torch.randint(4, args.vocab_size, (args.batch_size, args.caption_length), device=device)
     captions[:, 0] = 1
-    times = []
-    for iteration in range(args.warmup + args.iterations):
+
+    def iteration() -> float:
         _synchronize(device)
         start = time.perf_counter()
         logits, alphas = decoder(features, captions, image_of_caption)
@@ -98,10 +108,16 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> tuple[fl
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
         optimizer.step()
         _synchronize(device)
-        if iteration >= args.warmup:
-            times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        iteration()
+    rounds = []
+    for _ in range(args.rounds):
+        peak = matmul_flops_per_second(device, seconds=args.matmul_seconds)
+        rounds.append(Round(peak, statistics.median(iteration() for _ in range(args.iterations))))
     flops = training_flops(config, args.regions, args.caption_length - 1, args.batch_size, images)
-    return sorted(times)[len(times) // 2], flops
+    return rounds, flops
 
 
 def _synchronize(device: torch.device) -> None:
@@ -120,11 +136,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--caption-length", type=int, default=22, help="tokens, <start> and <end> included")
     parser.add_argument("--captions-per-image", type=int, default=1, help="captions of each image in a batch")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of the matmul reference and training")
+    parser.add_argument("--iterations", type=int, default=3, help="training iterations per round")
+    parser.add_argument("--matmul-seconds", type=float, default=1.0, help="matmul window per round")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    peak = matmul_flops_per_second(device)
-    seconds, flops = measure_training(args, device)
+    rounds, flops = measure(args, device)
+    for number, r in enumerate(rounds, 1):
+        mfu = flops / r.seconds_per_iteration / r.matmul_flops_per_s
+        matmul = r.matmul_flops_per_s / 1e9
+        print(f"round {number}: {r.seconds_per_iteration:.4f} s/iteration, matmul {matmul:.1f} GFLOP/s, mfu {mfu:.3f}")
+    seconds = statistics.median(r.seconds_per_iteration for r in rounds)
+    peak = statistics.median(r.matmul_flops_per_s for r in rounds)
     result = {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -134,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_iteration": round(seconds, 4),
         "useful_gflop_per_s": round(flops / seconds / 1e9, 2),
         "matmul_gflop_per_s": round(peak / 1e9, 2),
-        "mfu": round(flops / seconds / peak, 3),
+        "mfu": round(statistics.median(flops / r.seconds_per_iteration / r.matmul_flops_per_s for r in rounds), 3),
     }
     for key, value in result.items():
         print(f"{key:>22}: {value}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
@@ -42,3 +45,18 @@ def test_training_flop_count_equals_what_torch_counts(captions_per_image: int, o
         loss.backward()
     expected = bench.training_flops(config, regions, length - 1, captions_total, images)
     assert counter.get_total_flops() == expected
+
+
+def test_training_benchmark_runs_and_reports_the_median_round(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_bench("train_throughput")
+    tiny = ["--device", "cpu", "--regions", "9", "--channels", "64", "--dim", "16", "--vocab-size", "50"]
+    tiny += ["--batch-size", "4", "--caption-length", "5", "--warmup", "1"]
+    tiny += ["--rounds", "3", "--iterations", "2", "--matmul-seconds", "0.01"]
+    result = bench.main(tiny)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == result
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert len(rounds) == 3
+    per_round = sorted(float(line.rsplit("mfu ", 1)[1]) for line in rounds)
+    assert result["mfu"] == pytest.approx(per_round[1], abs=1e-3)  # the median of three rounds
+    assert result["tokens_per_s"] == pytest.approx(4 * 4 / result["seconds_per_iteration"], rel=1e-3)

@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rounds, flops = measure(args, device)
-    for number, r in enumerate(rounds, 1):
-        mfu = flops / r.seconds_per_iteration / r.matmul_flops_per_s
+    mfus = [flops / r.seconds_per_iteration / r.matmul_flops_per_s for r in rounds]
+    for number, (r, mfu) in enumerate(zip(rounds, mfus, strict=True), 1):
         matmul = r.matmul_flops_per_s / 1e9
         print(f"round {number}: {r.seconds_per_iteration:.4f} s/iteration, matmul {matmul:.1f} GFLOP/s, mfu {mfu:.3f}")
     seconds = statistics.median(r.seconds_per_iteration for r in rounds)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_iteration": round(seconds, 4),
         "useful_gflop_per_s": round(flops / seconds / 1e9, 2),
         "matmul_gflop_per_s": round(peak / 1e9, 2),
-        "mfu": round(statistics.median(flops / r.seconds_per_iteration / r.matmul_flops_per_s for r in rounds), 3),
+        "mfu": round(statistics.median(mfus), 3),
     }
     for key, value in result.items():
         print(f"{key:>22}: {value}")

@@ -19,7 +19,7 @@ from PIL import Image
 from captioner import Captioner
 from captioner.api import default_model_dir
 from training.scenes import score_scenes
-from training.synthetic import make_scene, render
+from training.synthetic import JPEG_QUALITY, make_scene, render
 
 SEED = 7
 SCENES = 48
@@ -33,9 +33,9 @@ def captioner() -> Captioner:
 
 
 def jpeg(image: Image.Image) -> bytes:
-    """As the training scenes were stored (training.synthetic's default quality)."""
+    """As the training scenes were stored."""
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=92)
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 

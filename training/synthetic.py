@@ -46,6 +46,7 @@ from training.scenes import (
 )
 
 CAPTIONS_PER_IMAGE = 5
+JPEG_QUALITY = 92  # how the scenes are stored; models trained on them expect its artefacts
 MAX_CAPTION_WORDS = 16
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 64, 2048
 
@@ -232,7 +233,7 @@ def generate(
     image_size: int = _REFERENCE_SIZE,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
-    jpeg_quality: int = 92,
+    jpeg_quality: int = JPEG_QUALITY,
 ) -> Path:
     """Write ``count`` scenes to ``out_dir/images`` and their captions to ``out_dir/dataset.json``.
 
@@ -290,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=_REFERENCE_SIZE, help="side in pixels")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--test-fraction", type=float, default=0.1)
-    parser.add_argument("--jpeg-quality", type=int, default=92)
+    parser.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY)
     args = parser.parse_args(argv)
     try:
         _check_arguments(

@@ -32,7 +32,7 @@ from captioner.api import resolve_device
 from captioner.checkpoint import ModelInfo, load_model
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoding import SearchOptions
-from captioner.encoder import backbone_spec, preprocessing_for
+from captioner.encoder import feature_dim_for, preprocessing_for
 from captioner.model import CaptionModel
 from captioner.vocab import END_ID, SPECIAL_TOKENS, Vocabulary
 
@@ -61,10 +61,12 @@ class Measurement:
 
 
 def random_captioner(args: argparse.Namespace, device: torch.device, prepare_encoder: bool = True) -> Captioner:
-    encoder = EncoderConfig(backbone=args.backbone, image_size=args.image_size, grid_size=args.grid, weights=None)
+    encoder = EncoderConfig(
+        backbone=args.backbone, image_size=args.image_size, grid_size=args.grid, weights=None, fine_grid=args.fine_grid
+    )
     decoder = DecoderConfig(
         vocab_size=args.vocab_size,
-        feature_dim=backbone_spec(args.backbone).channels,
+        feature_dim=feature_dim_for(encoder),
         embed_dim=args.embed_dim,
         attention_dim=args.attention_dim,
         hidden_dim=args.hidden_dim,
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     parser.add_argument("--grid", type=int, help="feature grid side (default: the backbone's)")
+    parser.add_argument("--fine-grid", action="store_true", help="attend over the stride-16 grid")
     parser.add_argument("--vocab-size", type=int, default=10000)
     parser.add_argument("--embed-dim", type=int, default=512)
     parser.add_argument("--attention-dim", type=int, default=512)

@@ -1,10 +1,11 @@
 """Throughput and latency of the HTTP service, with and without dynamic batching, against the batch CLI.
 
     python bench/service_load.py [--model DIR] [--requests 256] [--images 32] [--cli-images 256] [--size 224]
-                                 [--clients 1,4,16] [--workers 1] [--beam-size 3] [--max-length 20]
+                                 [--clients 1,4,16] [--workers 1] [--max-batch-size 16] [--beam-size 3]
+                                 [--max-length 20]
 
 Starts ``python -m service`` (one worker unless --workers says otherwise) twice on a free local
-port: with batching (max batch 16) and without (max batch 1). At each number of concurrent clients,
+port: with batching (max batch --max-batch-size) and without (max batch 1). At each number of concurrent clients,
 every client sends one image per request over its own kept-alive connection, first a warm-up round,
 then the measured one; reported are requests per second and the p50/p95/p99 latency. At the highest
 number of clients each round is followed by one of ``python -m captioner.cli caption`` on the same
@@ -99,6 +100,18 @@ class Service:
                 total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
         return total / os.sysconf("SC_CLK_TCK")
 
+    def batch_totals(self) -> tuple[float, float]:
+        """(images, model calls) of the dynamic batcher so far, from the service's /metrics."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        connection.request("GET", "/metrics")
+        totals = {}
+        for line in connection.getresponse().read().decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("captioner_batch_size_sum", "captioner_batch_size_count"):
+                totals[name] = float(value)
+        connection.close()
+        return totals["captioner_batch_size_sum"], totals["captioner_batch_size_count"]
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(120)
@@ -153,7 +166,7 @@ def measure_services(
     from elsewhere on the machine affects both alike; each keeps its best round (highest throughput).
     At the highest number of clients each round is followed by a round of the CLI, for the same reason."""
     query = f"beam_size={args.beam_size}&max_length={args.max_length}"
-    modes = {"batching": 16, "no_batching": 1}
+    modes = {"batching": args.max_batch_size, "no_batching": 1}
     services = {
         name: Service(args.model, batch, args.workers, workdir / f"{name}.log") for name, batch in modes.items()
     }
@@ -165,11 +178,14 @@ def measure_services(
                 run_clients(service.port, images, clients, max(clients * 2, 8), query)  # warm-up
             for _ in range(args.rounds):
                 for name, service in services.items():
-                    cpu_before = service.cpu_seconds()
+                    cpu_before, (images_before, calls_before) = service.cpu_seconds(), service.batch_totals()
                     measured = run_clients(service.port, images, clients, total, query)
                     measured["worker_cpu_ms_per_request"] = round(
                         (service.cpu_seconds() - cpu_before) / total * 1000, 1
                     )
+                    images_after, calls_after = service.batch_totals()
+                    batched_images, calls = images_after - images_before, calls_after - calls_before
+                    measured["mean_batch_size"] = round(batched_images / calls, 2)
                     best = results[name].get(str(clients))
                     if best is None or measured["requests_per_s"] > best["requests_per_s"]:
                         results[name][str(clients)] = measured
@@ -242,6 +258,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="measurements per mode and level; the best is kept")
     parser.add_argument("--size", type=int, default=224, help="side of the square test images in pixels")
     parser.add_argument("--clients", default="1,4,16", help="comma-separated numbers of concurrent clients")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="the batching service's maximum batch")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20)
     args = parser.parse_args()
@@ -272,6 +289,7 @@ def main() -> None:
         "cli": cli,
         "settings": {
             "model": args.model or "default",
+            "max_batch_size": args.max_batch_size,
             "beam_size": args.beam_size,
             "max_length": args.max_length,
             "image_size": args.size,

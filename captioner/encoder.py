@@ -61,7 +61,10 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Backbone:
-    """A feature extractor split into stages (the last ones can be fine-tuned) plus its metadata."""
+    """A feature extractor split into stages (the last ones can be fine-tuned) plus its metadata.
+
+    The body maps pixels (B, 3, S, S) to the last feature map (B, C, S/32, S/32), or, built with
+    ``fine=True``, to the pair (stride-16 map (B, C16, S/16, S/16), last map)."""
 
     body: nn.Module
     stages: list[nn.Module]
@@ -75,7 +78,25 @@ class BackboneSpec:
     default_grid: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    build: Callable[[str | None], Backbone]
+    build: Callable[[str | None, bool], Backbone]  # (weights, fine)
+    fine_channels: int  # channels of the stride-16 map that ``fine=True`` also returns
+
+
+class _SequentialWithTap(nn.Sequential):
+    """Consecutive stages that also return the output of stage ``tap``: (tapped, last). The stages keep
+    the names they have in a plain ``nn.Sequential``."""
+
+    def __init__(self, stages: list[nn.Module], tap: int) -> None:
+        super().__init__(*stages)
+        self.tap = tap
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        tapped = x
+        for index, stage in enumerate(self):
+            x = stage(x)
+            if index == self.tap:
+                tapped = x
+        return tapped, x
 
 
 def _torchvision_model(name: str, weights: str | None) -> nn.Module:
@@ -85,35 +106,54 @@ def _torchvision_model(name: str, weights: str | None) -> nn.Module:
     return torchvision.models.get_model(name, weights=weights)
 
 
-def _resnet(name: str) -> Callable[[str | None], Backbone]:
-    def build(weights: str | None) -> Backbone:
+def _sequential(stages: list[nn.Module], fine_stage: int, fine: bool) -> nn.Module:
+    return _SequentialWithTap(stages, fine_stage) if fine else nn.Sequential(*stages)
+
+
+def _resnet(name: str) -> Callable[[str | None, bool], Backbone]:
+    def build(weights: str | None, fine: bool) -> Backbone:
         net = _torchvision_model(name, weights)
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         stages = [stem, net.layer1, net.layer2, net.layer3, net.layer4]
-        return Backbone(nn.Sequential(*stages), stages, 2048)
+        return Backbone(_sequential(stages, 3, fine), stages, 2048)  # layer3 ends at stride 16
 
     return build
 
 
-def _features_of(name: str, channels: int) -> Callable[[str | None], Backbone]:
-    """torchvision models whose convolutional trunk is ``.features``, a sequence of stages."""
+def _features_of(name: str, channels: int, fine_stage: int) -> Callable[[str | None, bool], Backbone]:
+    """torchvision models whose convolutional trunk is ``.features``, a sequence of stages;
+    ``fine_stage`` is the last of them at stride 16."""
 
-    def build(weights: str | None) -> Backbone:
+    def build(weights: str | None, fine: bool) -> Backbone:
         net = _torchvision_model(name, weights)
-        return Backbone(net.features, list(net.features.children()), channels)
+        stages = list(net.features.children())
+        return Backbone(_sequential(stages, fine_stage, fine), stages, channels)
 
     return build
 
 
 class _LiteTrunk(nn.Module):
-    """EfficientNet-Lite0's convolutional trunk: stem, MBConv blocks and the 1x1 head conv."""
+    """EfficientNet-Lite0's convolutional trunk: stem, MBConv blocks and the 1x1 head conv; with
+    ``tap`` (a block's index) it also returns that block's output."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, tap: int | None = None) -> None:
         super().__init__()
         self.net = net
+        self.tap = tap
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(pixels)  # (B, 1280, H/32, W/32)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        net = self.net
+        if self.tap is None:
+            return net.extract_features(pixels)  # (B, 1280, H/32, W/32)
+        x = net._swish(net._bn0(net._conv_stem(pixels)))  # (B, 32, H/2, W/2)
+        tapped = x
+        # Without extract_features' drop-connect rates: they act only in training mode, and the
+        # Encoder keeps its backbone in eval mode.
+        for index, block in enumerate(net._blocks):
+            x = block(x)
+            if index == self.tap:
+                tapped = x  # (B, 112, H/16, W/16) for block 10, the last at stride 16
+        return tapped, net._swish(net._bn1(net._conv_head(x)))  # ..., (B, 1280, H/32, W/32)
 
 
 def build_lite0_classifier(weights: str | None) -> nn.Module:
@@ -161,37 +201,39 @@ def pad_inside_convolutions(net: nn.Module) -> int:
     return replaced
 
 
-def _lite0(weights: str | None) -> Backbone:
+def _lite0(weights: str | None, fine: bool) -> Backbone:
     net = build_lite0_classifier(weights)
     net._fc = nn.Identity()  # the ImageNet classifier is not part of a captioning encoder
     pad_inside_convolutions(net)
-    trunk = _LiteTrunk(net)
+    trunk = _LiteTrunk(net, tap=10 if fine else None)
     head = nn.ModuleList([net._conv_head, net._bn1])
     stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, head]
     return Backbone(trunk, stages, 1280)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet50": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet50")),
-    "resnet101": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet101")),
-    "resnet152": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet152")),
+    "resnet50": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet50"), 1024),
+    "resnet101": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet101"), 1024),
+    "resnet152": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet152"), 1024),
     "mobilenet_v3_large": BackboneSpec(
-        960, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("mobilenet_v3_large", 960)
+        960, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("mobilenet_v3_large", 960, 12), 112
     ),
     "efficientnet_b0": BackboneSpec(
-        1280, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b0", 1280)
+        1280, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b0", 1280, 5), 112
     ),
     "efficientnet_b1": BackboneSpec(
-        1280, 240, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b1", 1280)
+        1280, 240, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b1", 1280, 5), 112
     ),
     "efficientnet_b2": BackboneSpec(
-        1408, 288, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b2", 1408)
+        1408, 288, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b2", 1408, 5), 120
     ),
     "efficientnet_b3": BackboneSpec(
-        1536, 300, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b3", 1536)
+        1536, 300, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b3", 1536, 5), 136
     ),
-    "convnext_tiny": BackboneSpec(768, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("convnext_tiny", 768)),
-    "efficientnet_lite0": BackboneSpec(1280, 224, None, LITE_MEAN, LITE_STD, _lite0),
+    "convnext_tiny": BackboneSpec(
+        768, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("convnext_tiny", 768, 5), 384
+    ),
+    "efficientnet_lite0": BackboneSpec(1280, 224, None, LITE_MEAN, LITE_STD, _lite0, 112),
 }
 
 
@@ -207,15 +249,26 @@ def preprocessing_for(config: EncoderConfig) -> Preprocessing:
     return Preprocessing(config.image_size or spec.image_size, spec.mean, spec.std)
 
 
-def grid_size_for(config: EncoderConfig) -> int:
-    """The side of the feature grid: the configured one, else the backbone's default, else the
-    natural grid of its stride-32 feature map."""
+def _last_map_grid(config: EncoderConfig) -> int:
+    """The side of the grid the last feature map is pooled to: the configured one, else the backbone's
+    default, else the natural grid of its stride-32 feature map."""
     if config.grid_size is not None:
         return config.grid_size
     spec = backbone_spec(config.backbone)
     if spec.default_grid is not None:
         return spec.default_grid
     return math.ceil((config.image_size or spec.image_size) / 32)
+
+
+def grid_size_for(config: EncoderConfig) -> int:
+    """The side of the grid of regions the decoder attends over (twice the last map's with ``fine_grid``)."""
+    return 2 * _last_map_grid(config) if config.fine_grid else _last_map_grid(config)
+
+
+def feature_dim_for(config: EncoderConfig) -> int:
+    """The channels of one region's feature vector."""
+    spec = backbone_spec(config.backbone)
+    return spec.channels + spec.fine_channels if config.fine_grid else spec.channels
 
 
 class _ConvAndNormLeaves(fx.Tracer):
@@ -313,12 +366,13 @@ class Encoder(nn.Module):
     def __init__(self, config: EncoderConfig, pretrained: bool = True) -> None:
         super().__init__()
         spec = backbone_spec(config.backbone)
-        backbone = spec.build(config.weights if pretrained else None)
+        backbone = spec.build(config.weights if pretrained else None, config.fine_grid)
         self.config = config
         self.body = backbone.body
-        self.channels = backbone.channels
+        self.channels = feature_dim_for(config)
         self.grid_size = grid_size_for(config)
-        self.pool = nn.AdaptiveAvgPool2d(self.grid_size)
+        self.pool = nn.AdaptiveAvgPool2d(_last_map_grid(config))
+        self.fine_pool = nn.AdaptiveAvgPool2d(self.grid_size) if config.fine_grid else None
         self._stages = backbone.stages
         self._channels_last = False
         self.set_fine_tuning(config.fine_tune_stages)
@@ -365,6 +419,12 @@ class Encoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self._channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)  # (B, 3, S, S), stored NHWC
-        fmap = self.body(pixels)  # (B, C, h, w)
-        fmap = self.pool(fmap)  # (B, C, g, g)
-        return fmap.flatten(2).transpose(1, 2)  # (B, g*g, C)
+        if self.fine_pool is None:
+            fmap = self.pool(self.body(pixels))  # (B, C, g, g)
+            return fmap.flatten(2).transpose(1, 2)  # (B, g*g, C)
+        fine, last = self.body(pixels)  # (B, C16, h16, w16), (B, C32, h32, w32)
+        coarse = self.pool(last)  # (B, C32, g/2, g/2)
+        coarse = coarse.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # (B, C32, g, g)
+        fine = self.fine_pool(fine)  # (B, C16, g, g)
+        regions = [coarse.flatten(2).transpose(1, 2), fine.flatten(2).transpose(1, 2)]  # (B, g*g, C32), (B, g*g, C16)
+        return torch.cat(regions, dim=2)  # (B, g*g, C = C32 + C16)

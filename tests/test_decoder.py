@@ -19,6 +19,7 @@ VARIANTS = [
     {"gate": False},
     {"attention": "mean"},
     {"positions": True},
+    {"positions": True, "key_channels": 5},
 ]
 
 
@@ -105,6 +106,24 @@ def test_positions_enter_attention_and_context_as_if_added_to_every_feature() ->
         torch.testing.assert_close(memory.keys, 2 * decoder.attention_features(values), rtol=0, atol=1e-12)
     training, _ = decoder.init_state(features)
     torch.testing.assert_close(training.mean, values.mean(dim=1), rtol=0, atol=1e-12)
+
+
+def test_key_channels_decide_where_to_look_and_the_context_reads_every_channel() -> None:
+    decoder = make_decoder(positions=True, key_channels=5).double()
+    features = torch.randn(3, 9, 12, dtype=torch.float64)
+    other_wide = features.clone()
+    other_wide[..., :7] = torch.randn(3, 9, 7, dtype=torch.float64)  # only the channels keys do not read
+    h = torch.randn(3, 14, dtype=torch.float64)
+    with torch.no_grad():
+        memory, _ = decoder.init_state(features)
+        other_memory, _ = decoder.init_state(other_wide)
+        values = features + memory.positions  # (B, R, C)
+        torch.testing.assert_close(memory.keys, 2 * decoder.attention_features(values[..., 7:]), rtol=0, atol=1e-12)
+        alpha = decoder.attention_weights(memory, h)  # (B, R)
+        torch.testing.assert_close(decoder.attention_weights(other_memory, h), alpha, rtol=0, atol=1e-12)
+        _, state = decoder.init_state(features)
+        step, other_step = (decoder.step(torch.tensor([1, 5, 6]), state, m) for m in (memory, other_memory))
+    assert not torch.allclose(decoder.readout(step), decoder.readout(other_step)), "the context reads all channels"
 
 
 @pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
@@ -221,3 +240,5 @@ def test_invalid_configurations_are_refused() -> None:
         DecoderConfig(vocab_size=10, feature_dim=4, num_layers=0)
     with pytest.raises(ValueError, match="dropout"):
         DecoderConfig(vocab_size=10, feature_dim=4, dropout=1.0)
+    with pytest.raises(ValueError, match="key_channels"):
+        DecoderConfig(vocab_size=10, feature_dim=4, key_channels=5)

@@ -12,6 +12,7 @@ from captioner.encoder import (
     Encoder,
     activations_in_place,
     build_lite0_classifier,
+    feature_dim_for,
     fold_batch_norms,
     grid_size_for,
     pad_inside_convolutions,
@@ -34,8 +35,23 @@ EXPECTED = {
 }
 
 
+# Channels of each backbone's last stride-16 feature map, added to a region's feature by fine_grid.
+FINE_CHANNELS = {
+    "resnet50": 1024,
+    "resnet101": 1024,
+    "resnet152": 1024,
+    "mobilenet_v3_large": 112,
+    "efficientnet_b0": 112,
+    "efficientnet_b1": 112,
+    "efficientnet_b2": 120,
+    "efficientnet_b3": 136,
+    "convnext_tiny": 384,
+    "efficientnet_lite0": 112,
+}
+
+
 def test_the_registry_is_the_documented_one() -> None:
-    assert set(BACKBONES) == set(EXPECTED)
+    assert set(BACKBONES) == set(EXPECTED) == set(FINE_CHANNELS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -48,6 +64,42 @@ def test_every_backbone_builds_and_returns_batch_regions_channels(name: str) -> 
         features = encoder(torch.randn(2, 3, size, size))
     assert features.shape == (2, grid * grid, channels)
     assert encoder.frozen and encoder.grid_size == grid
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_fine_grid_holds_the_last_maps_cell_then_a_stride_16_feature_of_its_own(name: str) -> None:
+    size, grid, channels = EXPECTED[name]
+    plain = Encoder(EncoderConfig(backbone=name, weights=None)).eval()
+    config = EncoderConfig(backbone=name, weights=None, fine_grid=True)
+    fine = Encoder(config).eval()
+    fine.load_state_dict(plain.state_dict())  # the same parameter names: checkpoints need no renaming
+    assert grid_size_for(config) == fine.grid_size == 2 * grid
+    assert feature_dim_for(config) == fine.channels == channels + FINE_CHANNELS[name]
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        coarse, regions = plain(pixels), fine(pixels)  # (1, g*g, C), (1, 4*g*g, C + C16)
+    assert regions.shape == (1, (2 * grid) ** 2, channels + FINE_CHANNELS[name])
+    cells = regions.reshape(2 * grid, 2 * grid, -1)  # (2g, 2g, C + C16)
+    upsampled = coarse.reshape(grid, grid, channels).repeat_interleave(2, 0).repeat_interleave(2, 1)  # (2g, 2g, C)
+    torch.testing.assert_close(cells[..., :channels], upsampled)
+    # The stride-16 part differs between the four fine cells of a coarse one: it is not upsampled.
+    local = cells[..., channels:].reshape(grid, 2, grid, 2, -1)  # (g, 2, g, 2, C16)
+    # (Relative: some randomly initialised trunks scale their activations down to 1e-9.)
+    assert (local[:, 0, :, 0] - local[:, 1, :, 1]).abs().amax() > 1e-3 * local.abs().amax()
+
+
+def test_lite0s_fine_grid_reads_the_last_block_at_stride_16() -> None:
+    plain = Encoder(EncoderConfig(weights="packaged")).eval()
+    fine = Encoder(EncoderConfig(weights="packaged", fine_grid=True)).eval()
+    tapped = {}
+    plain.body.net._blocks[10].register_forward_hook(lambda module, inputs, output: tapped.update(map=output))
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain(pixels)
+        regions = fine(pixels)  # (2, 196, 1392)
+    expected = tapped["map"].flatten(2).transpose(1, 2)  # (2, 196, 112)
+    assert expected.shape == (2, 196, 112)
+    torch.testing.assert_close(regions[..., 1280:], expected)
 
 
 def test_grid_and_image_size_are_configurable() -> None:
@@ -120,9 +172,12 @@ def _batch_norms(module: torch.nn.Module) -> int:
     return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_prepared_for_inference_every_backbone_computes_the_same_features(name: str) -> None:
-    config = EncoderConfig(backbone=name, weights=None)
+@pytest.mark.parametrize(
+    ("name", "fine_grid"),
+    [(name, False) for name in sorted(EXPECTED)] + [("efficientnet_lite0", True), ("mobilenet_v3_large", True)],
+)
+def test_prepared_for_inference_every_backbone_computes_the_same_features(name: str, fine_grid: bool) -> None:
+    config = EncoderConfig(backbone=name, weights=None, fine_grid=fine_grid)
     reference = Encoder(config).eval()
     _randomise_batch_norms(reference)
     prepared = Encoder(config)

@@ -113,7 +113,11 @@ def test_the_key_changes_with_images_weights_and_grid(tmp_path: Path, encoder: E
     other_grid = Encoder(EncoderConfig(weights="packaged", image_size=64, grid_size=1)).eval()
     other = cached_features(records, other_grid, preprocessing_for(other_grid.config), root, CPU, progress=False)
     assert other.directory != base and other.features.shape == (4, 1, 1280)
-    assert len(list(root.iterdir())) == 4
+    # The fine grid of the same size: 4 regions again, but other features in them.
+    fine = Encoder(EncoderConfig(weights="packaged", image_size=64, grid_size=1, fine_grid=True)).eval()
+    fine_cache = cached_features(records, fine, preprocessing_for(fine.config), root, CPU, progress=False)
+    assert fine_cache.directory not in (base, other.directory) and fine_cache.features.shape == (4, 4, 1392)
+    assert len(list(root.iterdir())) == 5
 
 
 def test_unreadable_and_missing_images_are_skipped_counted_and_named(

@@ -349,6 +349,22 @@ def test_fine_tuning_trains_on_images_and_moves_only_the_trainable_stages(
     assert moved and moved <= {id(p) for p in trained.encoder._stages[-1].parameters()}
 
 
+def test_a_fine_grid_run_caches_its_own_features_and_captions_on_the_finer_grid(
+    synthetic_set: dict[str, Path], one_thread: None
+) -> None:
+    out = synthetic_set["runs"] / "fine-grid"
+    caches = set(synthetic_set["cache"].glob("*"))
+    main(build_parser().parse_args(run_args(synthetic_set, out, "--epochs", "1", "--set", "encoder.fine_grid=true")))
+    (new_cache,) = set(synthetic_set["cache"].glob("*")) - caches
+    features = np.load(new_cache / "features.npy", mmap_mode="r")
+    assert features.shape[1:] == (8 * 8, 1280 + 112)  # the 4x4 grid of the run, twice as fine
+    info = read_info(out / "last")
+    assert info.config.encoder.fine_grid and info.config.decoder.feature_dim == 1392
+    image = next(p for p in sorted(synthetic_set["images"].rglob("*.jpg")) if p.stat().st_size > 100)
+    result = Captioner.from_pretrained(out / "last", device="cpu").caption(image, beam_size=2)
+    assert result.attention.shape == (len(result.words), 8, 8)
+
+
 def test_epoch_order_keeps_each_images_captions_together_and_shards_cover_it() -> None:
     pair_image = np.repeat(np.arange(8), [3, 3, 2, 3, 3, 3, 3, 3])  # 23 captions of 8 images
     order = epoch_order(seed=3, epoch=1, pair_image=pair_image)

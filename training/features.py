@@ -7,10 +7,11 @@ forward per caption per epoch. Layout of one cache::
     CACHE_ROOT/KEY/features.npy   float16 (N, R, C), read as a memory map (a .npy file, so it describes itself)
     CACHE_ROOT/KEY/index.json     the key's ingredients, image ids and paths in row order, failed images
 
-``KEY`` hashes the encoder's backbone, a fingerprint of its weights, the preprocessing, the grid and the
-image list, so a change to any of them selects another cache instead of reusing a stale one. A cache
-is built in a hidden ``.KEY.partial-PID`` folder and renamed into place once complete: an interrupted
-run leaves only a hidden folder that is never read (and may be deleted), never a cache that looks whole.
+``KEY`` hashes the encoder's backbone, a fingerprint of its weights, the preprocessing, the grid (and
+whether it is the fine one) and the image list, so a change to any of them selects another cache
+instead of reusing a stale one. A cache is built in a hidden ``.KEY.partial-PID`` folder and renamed
+into place once complete: an interrupted run leaves only a hidden folder that is never read (and may
+be deleted), never a cache that looks whole.
 
 Images that cannot be read (missing, not an image, truncated...) are skipped: their rows stay zero,
 ``index.json`` lists them with the reason, and a warning names each file.
@@ -134,6 +135,8 @@ def cache_key(encoder: Encoder, preprocessing: Preprocessing, records: Sequence[
         "images_sha256": _images_hash(records),
         "count": len(records),
     }
+    if encoder.config.fine_grid:  # absent otherwise, so the keys of caches made before it existed still match
+        description["fine_grid"] = True
     # Round-tripped through JSON so it compares equal to the copy read back from index.json.
     description = json.loads(json.dumps(description, sort_keys=True))
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]

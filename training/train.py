@@ -59,7 +59,7 @@ from captioner.checkpoint import ModelInfo, load_model, read_info, save_model
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import caption_loss
 from captioner.decoding import SearchOptions, search
-from captioner.encoder import Preprocessing, backbone_spec, preprocessing_for
+from captioner.encoder import Preprocessing, feature_dim_for, preprocessing_for
 from captioner.errors import CaptionerError
 from captioner.model import CaptionModel
 from captioner.vocab import PAD_ID, Vocabulary
@@ -185,7 +185,7 @@ class RunConfig:
         return {"encoder": asdict(self.encoder), "decoder": dict(self.decoder), "train": asdict(self.train)}
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        feature_dim = backbone_spec(self.encoder.backbone).channels
+        feature_dim = feature_dim_for(self.encoder)
         decoder = DecoderConfig(vocab_size=vocab_size, feature_dim=feature_dim, **self.decoder)
         return ModelConfig(self.encoder, decoder)
 
@@ -209,7 +209,8 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
     for derived in ("vocab_size", "feature_dim"):
         if derived in decoder:
             raise ConfigError(f"decoder.{derived} comes from the data and the backbone; do not set it")
-    _build(DecoderConfig, decoder | {"vocab_size": 4, "feature_dim": 1}, "decoder")  # validates the fields
+    # Validates the fields; checks against the real feature_dim wait until the model is built.
+    _build(DecoderConfig, decoder | {"vocab_size": 4, "feature_dim": 2**31}, "decoder")
     return RunConfig(
         encoder=_build(EncoderConfig, data.get("encoder", {}), "encoder"),
         decoder=decoder,

@@ -5,13 +5,15 @@
                                  [--max-length 20]
 
 Starts ``python -m service`` (one worker unless --workers says otherwise) twice on a free local
-port: with batching (max batch --max-batch-size) and without (max batch 1). At each number of concurrent clients,
-every client sends one image per request over its own kept-alive connection, first a warm-up round,
-then the measured one; reported are requests per second and the p50/p95/p99 latency. At the highest
-number of clients each round is followed by one of ``python -m captioner.cli caption`` on the same
-images (copied to --cli-images files) with the same model and options, so that the service and the
-CLI are measured under the same load from elsewhere; the CLI's images per second exclude the process
-start-up and model loading (a run on one image is timed and subtracted), the stricter comparison.
+port: with batching (maximum batch --max-batch-size) and without (maximum batch 1). At each number of
+concurrent clients, every client sends one image per request over its own kept-alive connection,
+first a warm-up round, then the measured one; reported are requests per second, the p50/p95/p99
+latency, the worker's CPU time per request and the mean batch size of the model calls (from the
+service's /metrics). At the highest number of clients each round is followed by one of
+``python -m captioner.cli caption`` on the same images (copied to --cli-images files) with the same
+model and options, so that the service and the CLI are measured under the same load from elsewhere;
+the CLI's images per second exclude the process start-up and model loading (a run on one image is
+timed and subtracted), the stricter comparison.
 
 The last line printed is one JSON object, holding among others ``batching_speedup_16`` (requests/s
 with batching over without, at 16 clients) and ``service_vs_cli`` (the service's images/s at 16

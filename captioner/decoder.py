@@ -171,8 +171,8 @@ class Decoder(nn.Module):
             positions = self.position(grid_positions(features.shape[1], features))  # (R, C)
             values = features + positions  # (N, R, C)
         mean = values.mean(dim=1)  # (N, C)
-        key_values = values[..., C - self.key_channels :] if self.key_channels < C else values  # (N, R, K)
-        keys = self.attention_features(key_values).mul_(2)  # (N, R, A) cached so no step recomputes it
+        # Keys from the last K = key_channels channels, (N, R, K) -> (N, R, A), cached so no step recomputes them.
+        keys = self.attention_features(values[..., C - self.key_channels :]).mul_(2)  # (N, R, A)
         h = torch.tanh(self.init_h(mean)).view(N, L, H).transpose(0, 1)  # (L, N, H)
         c = torch.tanh(self.init_c(mean)).view(N, L, H).transpose(0, 1) if self.init_c is not None else None
         state = State(h.contiguous(), None if c is None else c.contiguous())

@@ -68,7 +68,6 @@ class Backbone:
 
     body: nn.Module
     stages: list[nn.Module]
-    channels: int
 
 
 @dataclass(frozen=True)
@@ -115,19 +114,19 @@ def _resnet(name: str) -> Callable[[str | None, bool], Backbone]:
         net = _torchvision_model(name, weights)
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         stages = [stem, net.layer1, net.layer2, net.layer3, net.layer4]
-        return Backbone(_sequential(stages, 3, fine), stages, 2048)  # layer3 ends at stride 16
+        return Backbone(_sequential(stages, 3, fine), stages)  # layer3 ends at stride 16
 
     return build
 
 
-def _features_of(name: str, channels: int, fine_stage: int) -> Callable[[str | None, bool], Backbone]:
+def _features_of(name: str, fine_stage: int) -> Callable[[str | None, bool], Backbone]:
     """torchvision models whose convolutional trunk is ``.features``, a sequence of stages;
     ``fine_stage`` is the last of them at stride 16."""
 
     def build(weights: str | None, fine: bool) -> Backbone:
         net = _torchvision_model(name, weights)
         stages = list(net.features.children())
-        return Backbone(_sequential(stages, fine_stage, fine), stages, channels)
+        return Backbone(_sequential(stages, fine_stage, fine), stages)
 
     return build
 
@@ -208,7 +207,7 @@ def _lite0(weights: str | None, fine: bool) -> Backbone:
     trunk = _LiteTrunk(net, tap=10 if fine else None)
     head = nn.ModuleList([net._conv_head, net._bn1])
     stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, head]
-    return Backbone(trunk, stages, 1280)
+    return Backbone(trunk, stages)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -216,23 +215,21 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet101": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet101"), 1024),
     "resnet152": BackboneSpec(2048, 448, 14, IMAGENET_MEAN, IMAGENET_STD, _resnet("resnet152"), 1024),
     "mobilenet_v3_large": BackboneSpec(
-        960, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("mobilenet_v3_large", 960, 12), 112
+        960, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("mobilenet_v3_large", 12), 112
     ),
     "efficientnet_b0": BackboneSpec(
-        1280, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b0", 1280, 5), 112
+        1280, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b0", 5), 112
     ),
     "efficientnet_b1": BackboneSpec(
-        1280, 240, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b1", 1280, 5), 112
+        1280, 240, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b1", 5), 112
     ),
     "efficientnet_b2": BackboneSpec(
-        1408, 288, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b2", 1408, 5), 120
+        1408, 288, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b2", 5), 120
     ),
     "efficientnet_b3": BackboneSpec(
-        1536, 300, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b3", 1536, 5), 136
+        1536, 300, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b3", 5), 136
     ),
-    "convnext_tiny": BackboneSpec(
-        768, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("convnext_tiny", 768, 5), 384
-    ),
+    "convnext_tiny": BackboneSpec(768, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("convnext_tiny", 5), 384),
     "efficientnet_lite0": BackboneSpec(1280, 224, None, LITE_MEAN, LITE_STD, _lite0, 112),
 }
 

@@ -398,6 +398,11 @@ def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
     assert config.train.decoder_lr == 1e-3 and config.train.out == "runs/x" and config.encoder.weights is None
     with pytest.raises(ConfigError, match=r"unknown \[train\] keys: \['lr'\]"):
         load_config(path, ["train.lr=1"])
+    with pytest.raises(ConfigError, match=r"\[decoder\]: key_channels must lie in \[0, feature_dim = 1280\]"):
+        load_config(path, ["decoder.key_channels=1281"])
+    assert load_config(path, ["encoder.fine_grid=true", "decoder.key_channels=1392"]).decoder["key_channels"] == 1392
+    with pytest.raises(ConfigError, match=r"\[encoder\]: unknown backbone 'vgg'"):
+        load_config(path, ["encoder.backbone=vgg"])
     with pytest.raises(ConfigError, match="train.epochs must be a int"):
         load_config(path, ["train.epochs=many"])
     with pytest.raises(ConfigError, match="epochs must be at least 1"):

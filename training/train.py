@@ -209,10 +209,14 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
     for derived in ("vocab_size", "feature_dim"):
         if derived in decoder:
             raise ConfigError(f"decoder.{derived} comes from the data and the backbone; do not set it")
-    # Validates the fields; checks against the real feature_dim wait until the model is built.
-    _build(DecoderConfig, decoder | {"vocab_size": 4, "feature_dim": 2**31}, "decoder")
+    encoder = _build(EncoderConfig, data.get("encoder", {}), "encoder")
+    try:
+        feature_dim = feature_dim_for(encoder)
+    except ValueError as error:  # an unknown backbone
+        raise ConfigError(f"[encoder]: {error}") from None
+    _build(DecoderConfig, decoder | {"vocab_size": 4, "feature_dim": feature_dim}, "decoder")  # validates the fields
     return RunConfig(
-        encoder=_build(EncoderConfig, data.get("encoder", {}), "encoder"),
+        encoder=encoder,
         decoder=decoder,
         train=_build(TrainConfig, data.get("train", {}), "train"),
     )

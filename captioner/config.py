@@ -44,7 +44,8 @@ class DecoderConfig:
     ``key_channels`` (0: all) makes attention decide where to look from only the last ``key_channels``
     channels of each region's feature, while the context still reads them all; with the encoder's
     ``fine_grid`` these are the local stride-16 features, so attention cannot settle on a neighbour
-    of the object whose wide-view features describe the object just as well.
+    of the object whose wide-view features describe the object just as well. ``word_query`` adds
+    the previous word to the attention query (not in the paper, where the query is h_{t-1} alone).
     """
 
     vocab_size: int
@@ -60,6 +61,7 @@ class DecoderConfig:
     attention: Literal["soft", "mean"] = "soft"
     positions: bool = False
     key_channels: int = 0
+    word_query: bool = False
 
     def __post_init__(self) -> None:
         if self.cell not in ("lstm", "gru"):

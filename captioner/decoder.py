@@ -126,6 +126,10 @@ class Decoder(nn.Module):
         self.key_channels = config.key_channels or C  # attention keys read the last key_channels channels
         self.attention_features = nn.Linear(self.key_channels, A)
         self.attention_hidden = nn.Linear(H, A, bias=False)
+        # Optional: the previous word joins the query (+ W_e E y_{t-1}). Otherwise the map that produces
+        # word t is chosen before the decoder knows which word t-1 it emitted, e.g. for "circle" before
+        # it knows it said "yellow" rather than "blue", so it cannot look at the yellow object.
+        self.attention_word = nn.Linear(E, A, bias=False) if config.word_query else None
         self.attention_score = nn.Linear(A, 1)
         self.gate = nn.Linear(H, 1) if config.gate else None  # beta_t = sigmoid(f_beta(h_{t-1}))
         # Initial state: h_0, c_0 = f_init(mean_i a_i), one slice per layer.
@@ -182,15 +186,21 @@ class Decoder(nn.Module):
             return Memory(keys, None, None, None, self.project_context(values), rows_per_image), state
         return Memory(keys, features, positions, mean, None, rows_per_image), state
 
-    def attention_weights(self, memory: Memory, h: torch.Tensor) -> torch.Tensor:
-        """Soft attention of the previous top hidden state ``h`` (B, H) over the regions: alpha (B, R)."""
+    def attention_weights(self, memory: Memory, h: torch.Tensor, embedded: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft attention of the previous top hidden state ``h`` (B, H), and with ``word_query`` of the
+        previous word ``embedded`` (B, E), over the regions: alpha (B, R)."""
         N, R, A = memory.keys.shape
         if self.config.attention == "mean":
             return torch.full((h.shape[0], R), 1.0 / R, dtype=h.dtype, device=h.device)  # (B, R)
+        query = self.attention_hidden(h)  # (B, A) W_h h
+        if self.attention_word is not None:
+            if embedded is None:
+                raise ValueError("a decoder with word_query attends from the previous word too: pass embedded")
+            query = query + self.attention_word(embedded)  # (B, A) W_h h + W_e E y
         # With x = W_a v_i + W_h h + b: tanh(x) = 2 sigmoid(2x) - 1, so w^T tanh(x) + b_w equals
         # 2 w^T sigmoid(2x) up to a constant, which softmax ignores. A CPU computes sigmoid in a third of
         # tanh's time, and this (B, R, A) tensor is most of a step's element-wise work.
-        query = self.attention_hidden(h).mul_(2).view(N, -1, 1, A)  # (N, rows per image, 1, A) 2 W_h h
+        query = query.mul_(2).view(N, -1, 1, A)  # (N, rows per image, 1, A) 2 (W_h h + W_e E y)
         # In place: the sum is needed by nothing else, and a (B, R, A) buffer fewer per step counts.
         squashed = (memory.keys.unsqueeze(1) + query).sigmoid_()  # (N, rows per image, R, A) sigmoid(2x)
         score = self.attention_score
@@ -250,7 +260,7 @@ class Decoder(nn.Module):
         so the embedding's gradient is built once per batch rather than once per step as a dense
         (V, E) tensor."""
         h_top = state.h[-1]  # (B, H)
-        alpha = self.attention_weights(memory, h_top)  # (B, R)
+        alpha = self.attention_weights(memory, h_top, embedded)  # (B, R)
         gate = torch.sigmoid(self.gate(h_top)) if self.gate is not None else None  # (B, 1) beta_t
         input_gates, context, readout = self._first_layer_input(embedded, memory, alpha, gate)  # (B, G), ...
         hs, cs = [], []

@@ -20,6 +20,7 @@ VARIANTS = [
     {"attention": "mean"},
     {"positions": True},
     {"positions": True, "key_channels": 5},
+    {"positions": True, "key_channels": 5, "word_query": True},
 ]
 
 
@@ -77,6 +78,29 @@ def test_attention_weights_are_the_papers_softmax_of_tanh_scores() -> None:
         rows = torch.tensor([0, 0, 1, 1, 2, 2])  # two rows per image, sharing its memory
         shared = decoder.attention_weights(replace(memory, rows_per_image=2), h[rows])
         torch.testing.assert_close(shared, expected[rows], rtol=0, atol=1e-12)
+
+
+def test_word_query_makes_attention_depend_on_the_previous_word() -> None:
+    """With word_query, rows with the same state but different previous words look at different
+    places, by softmax_i(w^T tanh(W_a a_i + W_h h + W_e E y + b) + b_w); without it they cannot."""
+    features = torch.randn(1, 9, 12, dtype=torch.float64).expand(2, 9, 12)
+    tokens = torch.tensor([5, 6])
+    for word_query in (False, True):
+        decoder = make_decoder(word_query=word_query).double()
+        with torch.no_grad():
+            memory, state = decoder.init_state(features)
+            alpha = decoder.step(tokens, state, memory).alpha  # (2, R): same image and state, two words
+            if not word_query:
+                torch.testing.assert_close(alpha[0], alpha[1], rtol=0, atol=0)
+                continue
+            embedded = decoder.embedding(tokens)  # (2, E)
+            query = decoder.attention_hidden(state.h[-1]) + decoder.attention_word(embedded)  # (2, A)
+            x = decoder.attention_features(features) + query.unsqueeze(1)  # (2, R, A)
+            expected = decoder.attention_score(torch.tanh(x)).squeeze(2).softmax(dim=1)  # (2, R)
+            torch.testing.assert_close(alpha, expected, rtol=0, atol=1e-12)
+            assert not torch.allclose(alpha[0], alpha[1]), "the previous word should move attention"
+            with pytest.raises(ValueError, match="pass embedded"):
+                decoder.attention_weights(memory, state.h[-1])
 
 
 def test_positions_let_attention_tell_identical_regions_apart() -> None:

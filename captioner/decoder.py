@@ -197,7 +197,7 @@ class Decoder(nn.Module):
             if embedded is None:
                 raise ValueError("a decoder with word_query attends from the previous word too: pass embedded")
             query = query + self.attention_word(embedded)  # (B, A) W_h h + W_e E y
-        # With x = W_a v_i + W_h h + b: tanh(x) = 2 sigmoid(2x) - 1, so w^T tanh(x) + b_w equals
+        # With x = W_a v_i + query + b: tanh(x) = 2 sigmoid(2x) - 1, so w^T tanh(x) + b_w equals
         # 2 w^T sigmoid(2x) up to a constant, which softmax ignores. A CPU computes sigmoid in a third of
         # tanh's time, and this (B, R, A) tensor is most of a step's element-wise work.
         query = query.mul_(2).view(N, -1, 1, A)  # (N, rows per image, 1, A) 2 (W_h h + W_e E y)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import DecoderConfig
+from captioner.vocab import PAD_ID
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class Decoder(nn.Module):
             config.vocab_size,
             config.num_layers,
         )
-        self.embedding = nn.Embedding(V, E, padding_idx=0)
+        self.embedding = nn.Embedding(V, E, padding_idx=PAD_ID)
         # Optional: where each region lies, added to its feature. Plain CNN features say little about
         # position, so without this a caption can hardly say "left of" or "above".
         self.position = nn.Linear(POSITION_FEATURES, C, bias=False) if config.positions else None
@@ -301,22 +302,44 @@ class Decoder(nn.Module):
         (B, T-1, V) predict ``captions[:, 1:]``; the attention weights are (B, T-1, R).
 
         ``features`` is (B, R, C), one image per caption, or (N, R, C) with ``image_of_caption`` (B,)
-        giving each caption's image: then the work done once per image (the attention keys, the
-        initial state) is done once for all the captions of that image."""
-        memory, state = self.init_state(features)
+        giving each caption's image: then each image is read once for all its captions. Its keys and
+        initial state are computed once, and every step reads its features once for all its rows,
+        as beam search reads them for its beams. A copy per caption would move rows-per-image times
+        the memory through each step's context and its backward."""
+        rows_per_image, slots = 1, None
         if image_of_caption is not None:
-            memory, state = memory.select(image_of_caption), state.select(image_of_caption)
-        embedded = self.embedding(captions[:, :-1])  # (B, T-1, E)
+            slots, rows_per_image = caption_slots(image_of_caption, features.shape[0])
+            # Rows without a caption read <pad> only (its embedding is zero); no output of theirs is kept.
+            padded = captions.new_full((features.shape[0] * rows_per_image, captions.shape[1]), PAD_ID)
+            captions = padded.index_copy_(0, slots, captions)  # (N * rows per image, T)
+        memory, state = self.init_state(features, rows_per_image)
+        embedded = self.embedding(captions[:, :-1])  # (B', T-1, E)
         steps = []
         for t in range(captions.shape[1] - 1):
             steps.append(self.advance(embedded[:, t], state, memory))
             state = steps[-1].state
-        hidden = torch.stack([s.hidden for s in steps], dim=1)  # (B, T-1, H)
-        readout = None
-        if self.config.deep_output:  # L_z once for all steps: one large product instead of T-1 small ones
-            readout = self.output_context(torch.stack([s.context for s in steps], dim=1))  # (B, T-1, E)
-        logits = self.logits(embedded, hidden, readout)  # (B, T-1, V)
-        return logits, torch.stack([s.alpha for s in steps], dim=1)  # (B, T-1, V), (B, T-1, R)
+        hidden = torch.stack([s.hidden for s in steps], dim=1)  # (B', T-1, H)
+        contexts = torch.stack([s.context for s in steps], dim=1) if self.config.deep_output else None  # (B', T-1, C)
+        alphas = torch.stack([s.alpha for s in steps], dim=1)  # (B', T-1, R)
+        if slots is not None:  # back to the captions' own rows, before the output layer and its dropout
+            embedded, hidden, alphas = embedded[slots], hidden[slots], alphas[slots]  # (B, T-1, .)
+            contexts = None if contexts is None else contexts[slots]
+        # L_z once for all steps: one large product instead of T-1 small ones.
+        readout = None if contexts is None else self.output_context(contexts)  # (B, T-1, E)
+        return self.logits(embedded, hidden, readout), alphas  # (B, T-1, V), (B, T-1, R)
+
+
+def caption_slots(image_of_caption: torch.Tensor, images: int) -> tuple[torch.Tensor, int]:
+    """The row of each caption (B,) when each of ``images`` images gets the same number K of
+    consecutive rows, its captions in their order first, then rows without one; and K."""
+    counts = torch.bincount(image_of_caption, minlength=images)  # (N,)
+    order = torch.argsort(image_of_caption, stable=True)  # (B,) captions grouped by image
+    first = torch.cumsum(counts, 0) - counts  # (N,) where each image's captions start in ``order``
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order), device=order.device)  # (B,) each caption's place in ``order``
+    rank = position - first[image_of_caption]  # (B,) among its image's captions
+    rows_per_image = int(counts.max())
+    return image_of_caption * rows_per_image + rank, rows_per_image
 
 
 def caption_loss(

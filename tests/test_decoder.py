@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from captioner.config import DecoderConfig
-from captioner.decoder import Decoder, caption_loss
+from captioner.decoder import Decoder, Memory, caption_loss, caption_slots
 from captioner.decoding import SearchOptions, search
 
 VARIANTS = [
@@ -210,6 +210,34 @@ def test_captions_grouped_by_image_train_as_if_each_had_its_own_copy(overrides: 
     torch.testing.assert_close(grouped_alphas, copied_alphas, rtol=0, atol=1e-12)
     for mine, theirs in zip(grouped_gradients, (p.grad for p in decoder.parameters()), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+
+
+def test_grouped_captions_get_consecutive_rows_of_their_image_in_their_order() -> None:
+    image_of_caption = torch.tensor([2, 0, 0, 2, 1, 0])
+    slots, rows_per_image = caption_slots(image_of_caption, images=4)  # image 3 has no caption
+    assert rows_per_image == 3  # image 0's three captions
+    assert slots.tolist() == [6, 0, 1, 7, 3, 2]  # image i owns rows 3i..3i+2, filled in caption order
+    one_each, rows = caption_slots(torch.tensor([1, 0, 2]), images=3)
+    assert rows == 1 and one_each.tolist() == [1, 0, 2]
+
+
+def test_teacher_forcing_reads_each_image_once_per_step_for_all_its_captions(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoder = make_decoder(positions=True)
+    images, captions = torch.randn(2, 9, 12), torch.randint(4, 30, (5, 6))
+    memories: list[Memory] = []
+    init_state = decoder.init_state
+
+    def recorded(*args: object) -> tuple[Memory, object]:
+        memory, state = init_state(*args)
+        memories.append(memory)
+        return memory, state
+
+    monkeypatch.setattr(decoder, "init_state", recorded)
+    monkeypatch.setattr(Memory, "select", lambda *_: pytest.fail("a copy of the image per caption"))
+    logits, _ = decoder(images, captions, torch.tensor([0, 0, 1, 0, 1]))
+    assert logits.shape[0] == 5
+    (memory,) = memories
+    assert memory.rows_per_image == 3 and memory.keys.shape[0] == 2 and memory.features.shape[0] == 2
 
 
 def test_feature_projection_is_computed_once_per_image_during_search() -> None:

@@ -60,6 +60,22 @@ class Memory:
             self.rows_per_image,
         )  # fmt: skip
 
+    def first(self, images: int) -> Memory:
+        """The first ``images`` images (teacher forcing leaves the images whose captions have ended)."""
+        if images == self.keys.shape[0]:
+            return self
+
+        def head(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[:images]
+
+        return replace(
+            self,
+            keys=self.keys[:images],
+            features=head(self.features),
+            mean=head(self.mean),
+            projected=head(self.projected),
+        )
+
     def one_row_per_image(self) -> Memory:
         """The same memory with each image repeated for each of its rows, so rows can leave one by one."""
         if self.rows_per_image == 1:
@@ -77,6 +93,11 @@ class State:
 
     def select(self, rows: torch.Tensor) -> State:
         return State(self.h[:, rows], None if self.c is None else self.c[:, rows])
+
+    def first(self, rows: int) -> State:
+        if rows == self.h.shape[1]:
+            return self
+        return State(self.h[:, :rows], None if self.c is None else self.c[:, :rows])
 
 
 @dataclass(frozen=True)
@@ -305,28 +326,48 @@ class Decoder(nn.Module):
         giving each caption's image: then each image is read once for all its captions. Its keys and
         initial state are computed once, and every step reads its features once for all its rows,
         as beam search reads them for its beams. A copy per caption would move rows-per-image times
-        the memory through each step's context and its backward."""
-        rows_per_image, slots = 1, None
-        if image_of_caption is not None:
-            slots, rows_per_image = caption_slots(image_of_caption, features.shape[0])
-            # Rows without a caption read <pad> only (its embedding is zero); no output of theirs is kept.
-            padded = captions.new_full((features.shape[0] * rows_per_image, captions.shape[1]), PAD_ID)
-            captions = padded.index_copy_(0, slots, captions)  # (N * rows per image, T)
+        the memory through each step's context and its backward.
+
+        An image's steps stop once all its captions have ended: images are taken longest caption
+        first, so each step runs on the first images alone. Past a caption's end, where the targets
+        are <pad> and the loss ignores them, its hidden states, contexts and attention are zero."""
+        N, T = features.shape[0], captions.shape[1]
+        if image_of_caption is None:
+            image_of_caption = torch.arange(N, device=captions.device)
+        lengths = (captions[:, 1:] != PAD_ID).sum(dim=1)  # (B,) words each caption predicts
+        image_lengths = lengths.new_zeros(N).scatter_reduce_(0, image_of_caption, lengths, "amax")  # (N,)
+        order = torch.argsort(image_lengths, descending=True, stable=True)  # (N,) longest captions first
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(N, device=order.device)  # (N,) each image's place in ``order``
+        features, image_of_caption = features[order], rank[image_of_caption]  # (N, R, C), (B,)
+        slots, rows_per_image = caption_slots(image_of_caption, N)
+        # Rows without a caption read <pad> only (its embedding is zero); no output of theirs is kept.
+        padded = captions.new_full((N * rows_per_image, T), PAD_ID).index_copy_(0, slots, captions)  # (B', T)
         memory, state = self.init_state(features, rows_per_image)
-        embedded = self.embedding(captions[:, :-1])  # (B', T-1, E)
+        embedded = self.embedding(padded[:, :-1])  # (B', T-1, E)
+        sorted_lengths = image_lengths[order].tolist()
         steps = []
-        for t in range(captions.shape[1] - 1):
-            steps.append(self.advance(embedded[:, t], state, memory))
+        for t in range(T - 1):
+            images = sum(length > t for length in sorted_lengths)  # those with a caption still going
+            if images == 0:
+                break
+            memory, state = memory.first(images), state.first(images * rows_per_image)
+            steps.append(self.advance(embedded[: images * rows_per_image, t], state, memory))
             state = steps[-1].state
-        hidden = torch.stack([s.hidden for s in steps], dim=1)  # (B', T-1, H)
-        contexts = torch.stack([s.context for s in steps], dim=1) if self.config.deep_output else None  # (B', T-1, C)
-        alphas = torch.stack([s.alpha for s in steps], dim=1)  # (B', T-1, R)
-        if slots is not None:  # back to the captions' own rows, before the output layer and its dropout
-            embedded, hidden, alphas = embedded[slots], hidden[slots], alphas[slots]  # (B, T-1, .)
-            contexts = None if contexts is None else contexts[slots]
+
+        going = (captions[:, 1:] != PAD_ID).unsqueeze(2).to(features.dtype)  # (B, T-1, 1)
+
+        def by_caption(values: list[torch.Tensor]) -> torch.Tensor:
+            """Per-step (rows still going, D) -> (B, T-1, D), zero past each caption's end."""
+            full = [F.pad(v, (0, 0, 0, N * rows_per_image - v.shape[0])) for v in values]  # (B', D) each
+            stacked = torch.stack(full, dim=1)  # (B', steps, D)
+            return F.pad(stacked, (0, 0, 0, T - 1 - stacked.shape[1]))[slots] * going  # (B, T-1, D)
+
+        hidden = by_caption([s.hidden for s in steps])  # (B, T-1, H)
+        alphas = by_caption([s.alpha for s in steps])  # (B, T-1, R)
         # L_z once for all steps: one large product instead of T-1 small ones.
-        readout = None if contexts is None else self.output_context(contexts)  # (B, T-1, E)
-        return self.logits(embedded, hidden, readout), alphas  # (B, T-1, V), (B, T-1, R)
+        readout = self.output_context(by_caption([s.context for s in steps])) if self.config.deep_output else None
+        return self.logits(embedded[slots], hidden, readout), alphas  # (B, T-1, V), (B, T-1, R)
 
 
 def caption_slots(image_of_caption: torch.Tensor, images: int) -> tuple[torch.Tensor, int]:

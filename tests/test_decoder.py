@@ -53,15 +53,16 @@ def test_attention_weights_are_distributions_that_depend_on_the_state() -> None:
     decoder = make_decoder()
     features = torch.randn(2, 9, 12)
     captions = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
+    targets = (captions[:, 1:] != 0).double()  # (2, 4): the second caption has ended at its last step
     with torch.no_grad():
         _, alphas = decoder(features, captions)
-    torch.testing.assert_close(alphas.sum(dim=2), torch.ones(2, 4))
+    torch.testing.assert_close(alphas.sum(dim=2).double(), targets)  # none past a caption's end
     assert (alphas >= 0).all()
     assert not torch.allclose(alphas[:, 0], alphas[:, 1]), "soft attention should move between steps"
     mean_decoder = make_decoder(attention="mean")
     with torch.no_grad():
         _, uniform = mean_decoder(features, captions)
-    torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 9))
+    torch.testing.assert_close(uniform.double(), targets.unsqueeze(2).expand(-1, -1, 9) / 9)
 
 
 def test_attention_weights_are_the_papers_softmax_of_tanh_scores() -> None:
@@ -209,6 +210,31 @@ def test_captions_grouped_by_image_train_as_if_each_had_its_own_copy(overrides: 
     torch.testing.assert_close(grouped, copied, rtol=0, atol=1e-12)
     torch.testing.assert_close(grouped_alphas, copied_alphas, rtol=0, atol=1e-12)
     for mine, theirs in zip(grouped_gradients, (p.grad for p in decoder.parameters()), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"positions": True, "key_channels": 5, "word_query": True}])
+def test_captions_of_different_lengths_train_as_if_each_ran_alone_to_its_end(overrides: dict) -> None:
+    decoder = make_decoder(**overrides).double()
+    images = torch.randn(3, 9, 12, dtype=torch.float64)
+    image_of_caption = torch.tensor([0, 1, 0, 2, 1, 0])
+    lengths = [4, 7, 2, 5, 3, 7]  # tokens, <start> and <end> included; image 2's steps end first
+    captions = torch.zeros(6, 7, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        captions[row, :length] = torch.randint(4, 30, (length,))
+        captions[row, 0], captions[row, length - 1] = 1, 2
+    logits, alphas = decoder(images, captions, image_of_caption)
+    targets = captions[:, 1:] != 0
+    (logits.logsumexp(dim=2) * targets).sum().backward()
+    batched = [p.grad.clone() for p in decoder.parameters()]
+    decoder.zero_grad()
+    for row, length in enumerate(lengths):  # each caption alone, cut at its end: no padding at all
+        alone, alone_alphas = decoder(images[image_of_caption[row]][None], captions[row : row + 1, :length])
+        torch.testing.assert_close(logits[row, : length - 1], alone[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(alphas[row, : length - 1], alone_alphas[0], rtol=0, atol=1e-12)
+        alone.logsumexp(dim=2).sum().backward()
+    assert (alphas[~targets] == 0).all(), "no attention past a caption's end"
+    for mine, theirs in zip(batched, (p.grad for p in decoder.parameters()), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
 
 

@@ -337,9 +337,10 @@ class Decoder(nn.Module):
         lengths = (captions[:, 1:] != PAD_ID).sum(dim=1)  # (B,) words each caption predicts
         image_lengths = lengths.new_zeros(N).scatter_reduce_(0, image_of_caption, lengths, "amax")  # (N,)
         order = torch.argsort(image_lengths, descending=True, stable=True)  # (N,) longest captions first
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(N, device=order.device)  # (N,) each image's place in ``order``
-        features, image_of_caption = features[order], rank[image_of_caption]  # (N, R, C), (B,)
+        if not bool((image_lengths[:-1] >= image_lengths[1:]).all()):  # else already in order: no copy
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(N, device=order.device)  # (N,) each image's place in ``order``
+            features, image_of_caption = features[order], rank[image_of_caption]  # (N, R, C), (B,)
         slots, rows_per_image = caption_slots(image_of_caption, N)
         # Rows without a caption read <pad> only (its embedding is zero); no output of theirs is kept.
         padded = captions.new_full((N * rows_per_image, T), PAD_ID).index_copy_(0, slots, captions)  # (B', T)
@@ -359,7 +360,8 @@ class Decoder(nn.Module):
 
         def by_caption(values: list[torch.Tensor]) -> torch.Tensor:
             """Per-step (rows still going, D) -> (B, T-1, D), zero past each caption's end."""
-            full = [F.pad(v, (0, 0, 0, N * rows_per_image - v.shape[0])) for v in values]  # (B', D) each
+            rows = len(padded)
+            full = [v if len(v) == rows else F.pad(v, (0, 0, 0, rows - len(v))) for v in values]  # (B', D) each
             stacked = torch.stack(full, dim=1)  # (B', steps, D)
             return F.pad(stacked, (0, 0, 0, T - 1 - stacked.shape[1]))[slots] * going  # (B, T-1, D)
 

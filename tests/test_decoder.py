@@ -218,7 +218,7 @@ def test_captions_of_different_lengths_train_as_if_each_ran_alone_to_its_end(ove
     decoder = make_decoder(**overrides).double()
     images = torch.randn(3, 9, 12, dtype=torch.float64)
     image_of_caption = torch.tensor([0, 1, 0, 2, 1, 0])
-    lengths = [4, 7, 2, 5, 3, 7]  # tokens, <start> and <end> included; image 2's steps end first
+    lengths = [3, 7, 2, 5, 6, 3]  # tokens, <start> and <end> included; image 0's steps end first
     captions = torch.zeros(6, 7, dtype=torch.long)
     for row, length in enumerate(lengths):
         captions[row, :length] = torch.randint(4, 30, (length,))

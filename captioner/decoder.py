@@ -49,8 +49,9 @@ class Memory:
     projected: torch.Tensor | None = None  # (N, R, G + E) values through the context's linear maps
     rows_per_image: int = 1
 
-    def select(self, images: torch.Tensor) -> Memory:
-        """Images in a new order (dropping finished images, captions of the same image)."""
+    def select(self, images: torch.Tensor | slice) -> Memory:
+        """Images in a new order (dropping finished images, captions of the same image); a slice
+        keeps views, no copy (teacher forcing leaves the images whose captions have ended)."""
 
         def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor[images]
@@ -59,22 +60,6 @@ class Memory:
             self.keys[images], pick(self.features), self.positions, pick(self.mean), pick(self.projected),
             self.rows_per_image,
         )  # fmt: skip
-
-    def first(self, images: int) -> Memory:
-        """The first ``images`` images (teacher forcing leaves the images whose captions have ended)."""
-        if images == self.keys.shape[0]:
-            return self
-
-        def head(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor[:images]
-
-        return replace(
-            self,
-            keys=self.keys[:images],
-            features=head(self.features),
-            mean=head(self.mean),
-            projected=head(self.projected),
-        )
 
     def one_row_per_image(self) -> Memory:
         """The same memory with each image repeated for each of its rows, so rows can leave one by one."""
@@ -91,13 +76,8 @@ class State:
     h: torch.Tensor  # (L, B, H)
     c: torch.Tensor | None  # (L, B, H)
 
-    def select(self, rows: torch.Tensor) -> State:
+    def select(self, rows: torch.Tensor | slice) -> State:
         return State(self.h[:, rows], None if self.c is None else self.c[:, rows])
-
-    def first(self, rows: int) -> State:
-        if rows == self.h.shape[1]:
-            return self
-        return State(self.h[:, :rows], None if self.c is None else self.c[:, :rows])
 
 
 @dataclass(frozen=True)
@@ -334,7 +314,8 @@ class Decoder(nn.Module):
         N, T = features.shape[0], captions.shape[1]
         if image_of_caption is None:
             image_of_caption = torch.arange(N, device=captions.device)
-        lengths = (captions[:, 1:] != PAD_ID).sum(dim=1)  # (B,) words each caption predicts
+        going = captions[:, 1:] != PAD_ID  # (B, T-1) the positions with a word to predict
+        lengths = going.sum(dim=1)  # (B,) words each caption predicts
         image_lengths = lengths.new_zeros(N).scatter_reduce_(0, image_of_caption, lengths, "amax")  # (N,)
         order = torch.argsort(image_lengths, descending=True, stable=True)  # (N,) longest captions first
         if not bool((image_lengths[:-1] >= image_lengths[1:]).all()):  # else already in order: no copy
@@ -352,18 +333,18 @@ class Decoder(nn.Module):
             images = sum(length > t for length in sorted_lengths)  # those with a caption still going
             if images == 0:
                 break
-            memory, state = memory.first(images), state.first(images * rows_per_image)
+            memory, state = memory.select(slice(images)), state.select(slice(images * rows_per_image))
             steps.append(self.advance(embedded[: images * rows_per_image, t], state, memory))
             state = steps[-1].state
 
-        going = (captions[:, 1:] != PAD_ID).unsqueeze(2).to(features.dtype)  # (B, T-1, 1)
+        kept = going.unsqueeze(2).to(features.dtype)  # (B, T-1, 1)
 
         def by_caption(values: list[torch.Tensor]) -> torch.Tensor:
             """Per-step (rows still going, D) -> (B, T-1, D), zero past each caption's end."""
             rows = len(padded)
             full = [v if len(v) == rows else F.pad(v, (0, 0, 0, rows - len(v))) for v in values]  # (B', D) each
             stacked = torch.stack(full, dim=1)  # (B', steps, D)
-            return F.pad(stacked, (0, 0, 0, T - 1 - stacked.shape[1]))[slots] * going  # (B, T-1, D)
+            return F.pad(stacked, (0, 0, 0, T - 1 - stacked.shape[1]))[slots] * kept  # (B, T-1, D)
 
         hidden = by_caption([s.hidden for s in steps])  # (B, T-1, H)
         alphas = by_caption([s.alpha for s in steps])  # (B, T-1, R)

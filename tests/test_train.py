@@ -27,8 +27,10 @@ from training.datasets import load_records
 from training.train import (
     ConfigError,
     Distributed,
+    Progress,
     TeacherForced,
     TrainConfig,
+    apply_final_decay,
     build_optimizer,
     build_parser,
     epoch_order,
@@ -65,6 +67,8 @@ TINY = [
     "train.decoder_lr=8e-3",
     "--set",
     "train.lr_patience=100",
+    "--set",
+    "train.lr_decay_epochs=0",
     "--set",
     "train.patience=0",
     "--set",
@@ -233,8 +237,10 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> str:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_set: dict[str, Path], overfit_run: Path) -> None:
-    # Dropout on: the resumed run must also restore the random stream to match.
+    # Dropout on: the resumed run must also restore the random stream to match. The final decay over
+    # the last two epochs: the rate it decays from must come back with the optimiser.
     common = ["--epochs", "3", "--set", "decoder.dropout=0.3", "--set", "train.batch_size=4", "--checkpoint-every", "2"]
+    common += ["--set", "train.lr_decay_epochs=2"]
     runs = synthetic_set["runs"]
     reference = start(run_args(synthetic_set, runs / "uninterrupted", *common))
     killed = start(run_args(synthetic_set, runs / "killed", *common))
@@ -257,6 +263,28 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_set: dict[s
     reference_rows = [[row[c] for c in columns] for row in read_csv(runs / "uninterrupted" / "metrics.csv")]
     assert [[row[c] for c in columns] for row in read_csv(runs / "killed" / "metrics.csv")] == reference_rows
     assert len(reference_rows) == 3
+    rates = [float(row[-1]) for row in reference_rows]  # each epoch's last step's rate
+    assert rates[0] == 8e-3 and 0 < rates[2] < rates[1] < rates[0]
+
+
+def test_the_final_decay_takes_the_rate_linearly_from_where_it_stands_to_zero() -> None:
+    model = tiny_model(fine_tune_stages=0)
+    tc = TrainConfig(epochs=4, lr_decay_epochs=2, decoder_lr=1e-3)
+    optimizer = build_optimizer(model, tc)
+    steps, rates = 5, []
+    for epoch in range(4):
+        if epoch == 1:
+            optimizer.param_groups[0]["lr"] = 5e-4  # a plateau cut before the decay
+        for step in range(steps):
+            apply_final_decay(optimizer, Progress(epoch=epoch, step_in_epoch=step), tc, steps)
+            rates.append(optimizer.param_groups[0]["lr"])
+        if epoch == 2:  # a restart mid-decay: the rate to decay from travels in the optimiser's state
+            state = optimizer.state_dict()
+            optimizer = build_optimizer(model, tc)
+            optimizer.load_state_dict(state)
+    assert rates[:5] == [1e-3] * 5 and rates[5:10] == [5e-4] * 5
+    expected = [5e-4 * (1 - i / 10) for i in range(10)]
+    assert rates[10:] == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_run_stopped_early_resumes_when_given_more_patience(synthetic_set: dict[str, Path], one_thread: None) -> None:

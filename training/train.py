@@ -14,8 +14,10 @@ Each epoch visits every (image, caption) pair once: the images in a permutation 
 generator seeded by the seed and the epoch (so the order is known again after a restart), each
 image's captions together in one batch. After each epoch the model captions the validation split
 with beam search; CIDEr-D on it drives the learning-rate decay, the choice of the best model and
-early stopping. ``--resume`` continues exactly where ``last.pt`` stands; given a larger ``--epochs``
-or ``--set train.patience=0`` it also extends a run that has finished or stopped early.
+early stopping; with ``lr_decay_epochs = N`` the last N of ``epochs`` instead take the rates
+linearly to 0. ``--resume`` continues exactly where ``last.pt`` stands; given a larger ``--epochs``
+or ``--set train.patience=0`` it also extends a run that has finished or stopped early (a larger
+``--epochs`` also moves the final decay to the new last epochs).
 
 Output (only rank 0 writes, except the debug checksums)::
 
@@ -124,6 +126,9 @@ class TrainConfig:
     min_word_count: int = 5
     lr_factor: float = 0.5
     lr_patience: int = 2  # epochs without a better val score before the learning rates decay
+    # The last N of ``epochs`` take the learning rates linearly from where they stand to 0, step by
+    # step, in place of the plateau rule (0: the plateau rule to the end).
+    lr_decay_epochs: int = 0
     patience: int = 6  # epochs without a better val score before training stops (0: never stop early)
     val_beam_size: int = 3
     val_max_length: int = 20
@@ -158,6 +163,7 @@ class TrainConfig:
             "grad_clip",
             "attention_penalty",
             "lr_patience",
+            "lr_decay_epochs",
             "patience",
             "val_limit",
             "workers",
@@ -169,6 +175,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative")
         if not (self.decoder_lr > 0 and self.encoder_lr > 0 and 0 < self.lr_factor < 1):
             raise ValueError("learning rates must be positive and lr_factor must lie in (0, 1)")
+        if self.lr_decay_epochs > self.epochs:
+            raise ValueError(f"lr_decay_epochs ({self.lr_decay_epochs}) must not exceed epochs ({self.epochs})")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}")
         if self.format not in FORMATS:
@@ -659,6 +667,7 @@ def train_one_epoch(
         captions = data.pair_captions[batch]  # (B, T)
         captions = captions[:, : int((captions != PAD_ID).sum(1).max())].to(device, non_blocking=True)
         rows = torch.from_numpy(image_of_caption.reshape(-1)).to(device)  # (B,)
+        apply_final_decay(optimizer, progress, tc, len(batches))
         loss, cross_entropy = train_step(module, model, optimizer, scaler, inputs.to(device), captions, tc, dtype, rows)
         progress.loss_sum += loss
         progress.cross_entropy_sum += cross_entropy
@@ -670,6 +679,23 @@ def train_one_epoch(
     bar.close()
     steps = max(1, len(batches))
     return progress.loss_sum / steps, progress.cross_entropy_sum / steps
+
+
+def in_final_decay(epoch: int, tc: TrainConfig) -> bool:
+    return epoch >= tc.epochs - tc.lr_decay_epochs
+
+
+def apply_final_decay(optimizer: torch.optim.Optimizer, progress: Progress, tc: TrainConfig, steps: int) -> None:
+    """In the last ``lr_decay_epochs`` epochs, set each group's rate for the coming step: the rate
+    the group had when the decay began, times the share of the decay's steps still to come."""
+    if not in_final_decay(progress.epoch, tc):
+        return
+    done = (progress.epoch - (tc.epochs - tc.lr_decay_epochs)) * steps + progress.step_in_epoch
+    remaining = 1.0 - done / (tc.lr_decay_epochs * steps)
+    for group in optimizer.param_groups:
+        # Kept in the group, so last.pt holds it and a resumed run decays from the same rate.
+        start = group.setdefault("decay_start_lr", group["lr"])
+        group["lr"] = start * remaining
 
 
 @torch.inference_mode()
@@ -994,7 +1020,8 @@ def run_epoch(
     )
     progress.scores = evaluate(trainer.model, data, tc, device, d)
     score = progress.scores[SCORE]
-    trainer.scheduler.step(score)
+    if not in_final_decay(progress.epoch, tc):
+        trainer.scheduler.step(score)
     improved = score > progress.best_score
     progress.best_score = max(score, progress.best_score)
     progress.stale_epochs = 0 if improved else progress.stale_epochs + 1

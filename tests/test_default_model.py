@@ -53,8 +53,10 @@ def test_the_default_model_names_places_and_looks_at_the_objects_of_fresh_scenes
     scores = score_scenes(records)
     described = "; ".join(result.caption for result in results[:6])
     assert scores["objects_total"] >= 80 and scores["relations_stated"] >= 15, scores
+    # The shipped model (version 5) scores 0.935 / 0.818 / 0.849 here (object / relation / grounding).
+    # Given images normalised with ImageNet's statistics instead of its own, it scores 0.71 / 0.27 /
+    # 0.85: its attention still finds the objects, but it names and places them wrongly. Uniform
+    # attention grounds about 0.02.
     assert scores["object_accuracy"] >= 0.85, (scores, described)
-    assert scores["relation_accuracy"] >= 0.75, (scores, described)
-    # Uniform attention scores about 0.02 here, and the shipped model 0.41-0.45; attention scores
-    # computed at half their trained scale still name most objects but fall to 0.33.
-    assert scores["attention_grounding"] >= 0.35, (scores, described)
+    assert scores["relation_accuracy"] >= 0.6, (scores, described)
+    assert scores["attention_grounding"] >= 0.6, (scores, described)

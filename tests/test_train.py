@@ -285,6 +285,13 @@ def test_the_final_decay_takes_the_rate_linearly_from_where_it_stands_to_zero() 
     assert rates[:5] == [1e-3] * 5 and rates[5:10] == [5e-4] * 5
     expected = [5e-4 * (1 - i / 10) for i in range(10)]
     assert rates[10:] == pytest.approx(expected, rel=1e-12)
+    # Extended to 7 epochs after the decay: epoch 4 back at the rate the decay started from, then a
+    # new decay over epochs 5 and 6.
+    longer = TrainConfig(epochs=7, lr_decay_epochs=2, decoder_lr=1e-3)
+    apply_final_decay(optimizer, Progress(epoch=4, step_in_epoch=0), longer, steps)
+    assert optimizer.param_groups[0]["lr"] == 5e-4 and "decay_start_lr" not in optimizer.param_groups[0]
+    apply_final_decay(optimizer, Progress(epoch=6, step_in_epoch=0), longer, steps)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * 0.5, rel=1e-12)
 
 
 def test_a_run_stopped_early_resumes_when_given_more_patience(synthetic_set: dict[str, Path], one_thread: None) -> None:

@@ -17,7 +17,8 @@ with beam search; CIDEr-D on it drives the learning-rate decay, the choice of th
 early stopping; with ``lr_decay_epochs = N`` the last N of ``epochs`` instead take the rates
 linearly to 0. ``--resume`` continues exactly where ``last.pt`` stands; given a larger ``--epochs``
 or ``--set train.patience=0`` it also extends a run that has finished or stopped early (a larger
-``--epochs`` also moves the final decay to the new last epochs).
+``--epochs`` also moves the final decay to the new last epochs, and the epochs before it go back
+to the rate the old decay started from).
 
 Output (only rank 0 writes, except the debug checksums)::
 
@@ -687,8 +688,12 @@ def in_final_decay(epoch: int, tc: TrainConfig) -> bool:
 
 def apply_final_decay(optimizer: torch.optim.Optimizer, progress: Progress, tc: TrainConfig, steps: int) -> None:
     """In the last ``lr_decay_epochs`` epochs, set each group's rate for the coming step: the rate
-    the group had when the decay began, times the share of the decay's steps still to come."""
+    the group had when the decay began, times the share of the decay's steps still to come. A run
+    resumed with a larger ``epochs`` after its decay began goes back to that rate until the new decay."""
     if not in_final_decay(progress.epoch, tc):
+        for group in optimizer.param_groups:
+            if "decay_start_lr" in group:
+                group["lr"] = group.pop("decay_start_lr")
         return
     done = (progress.epoch - (tc.epochs - tc.lr_decay_epochs)) * steps + progress.step_in_epoch
     remaining = 1.0 - done / (tc.lr_decay_epochs * steps)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, overload
 
@@ -146,22 +146,26 @@ class Captioner:
         beam_size: int = 3,
         max_length: int = 20,
         n_best: int = 1,
-        length_penalty: float = 1.0,
+        length_penalty: float | None = None,
         sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
         batch_size: int = 32,
+        no_repeat_ngram_size: int | None = None,
+        repetition_penalty: float | None = None,
     ) -> list[CaptionResult] | CaptionResult:
         """Caption one image (returns one result) or a list of images (returns a list, same order).
 
         Images may be paths, encoded bytes, file objects, PIL images or preprocessed tensors. An input
         that is not a usable image raises ``ImageError`` (its ``code`` says why); bad options raise
-        ``OptionError``. ``seed`` makes sampling reproducible.
+        ``OptionError``. ``seed`` makes sampling reproducible. ``length_penalty``,
+        ``no_repeat_ngram_size`` and ``repetition_penalty`` left at None take the model's own
+        settings (``model.json``'s ``decoding``), else the search's defaults (``SearchOptions``).
         """
         single = _is_single(images)
         batch = [images] if single else list(images)  # type: ignore[list-item]
-        options = SearchOptions(
+        options = self.search_options(
             beam_size=beam_size,
             max_length=max_length,
             n_best=n_best,
@@ -169,6 +173,8 @@ class Captioner:
             sample=sample,
             temperature=temperature,
             top_k=top_k,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            repetition_penalty=repetition_penalty,
         )
         if not 1 <= batch_size <= 4096:
             raise OptionError("batch_size must lie in [1, 4096]")
@@ -179,6 +185,16 @@ class Captioner:
             chunk = torch.stack(pixels[start : start + batch_size]).to(self.device)  # (N, 3, S, S)
             results.extend(self.caption_pixels(chunk, options, generator))
         return results[0] if single else results
+
+    def search_options(self, **options: Any) -> SearchOptions:
+        """``SearchOptions`` from the options given (None: not given) over the model's own decoding
+        settings over the search's defaults."""
+        given = {name: value for name, value in options.items() if value is not None}
+        try:
+            return SearchOptions(**{**self.info.decoding, **given})
+        except TypeError:  # SearchOptions checks its values' types itself: this is a name it does not know
+            unknown = sorted(set(given) - {f.name for f in fields(SearchOptions)})
+            raise OptionError(f"unknown search options {unknown}") from None
 
     @torch.inference_mode()
     def caption_pixels(

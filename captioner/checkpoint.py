@@ -2,7 +2,8 @@
 
     MODEL_DIR/model.safetensors   every weight (encoder and decoder), float32 or float16
     MODEL_DIR/model.json          format version, ModelConfig, vocabulary, preprocessing, name/version,
-                                  provenance (data, command, seed) and the model card's scores
+                                  the search settings it captions with by default, provenance (data,
+                                  command, seed) and the model card's scores
 
 Loading never unpickles: weights come only from safetensors, everything else is JSON. A directory
 holding pickled weights (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pkl``) instead is refused.
@@ -22,8 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from captioner.config import ModelConfig
+from captioner.decoding import SearchOptions
 from captioner.encoder import Preprocessing
-from captioner.errors import CheckpointError
+from captioner.errors import CheckpointError, OptionError
 from captioner.model import CaptionModel
 from captioner.vocab import Vocabulary
 
@@ -33,6 +35,9 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle protocol header; torch.save's zip container
+# The search settings a model directory may choose for itself: those that shape what a caption says.
+# How many captions, how wide a beam and how long are the caller's (and the service's limits).
+DECODING_DEFAULTS = ("length_penalty", "no_repeat_ngram_size", "repetition_penalty")
 
 
 @dataclass
@@ -46,6 +51,18 @@ class ModelInfo:
     preprocessing: Preprocessing
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Search settings this model captions with unless a caller says otherwise (``DECODING_DEFAULTS``
+    # names which), chosen on the validation split when the model was exported.
+    decoding: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.decoding) - set(DECODING_DEFAULTS))
+        if unknown:
+            raise CheckpointError(f"unknown decoding settings {unknown}; a model may set {list(DECODING_DEFAULTS)}")
+        try:
+            SearchOptions(**self.decoding)
+        except OptionError as error:
+            raise CheckpointError(f"the model's decoding settings are invalid: {error}") from None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +75,7 @@ class ModelInfo:
             "preprocessing": self.preprocessing.to_json(),
             "provenance": self.provenance,
             "metrics": self.metrics,
+            "decoding": self.decoding,
         }
 
     @classmethod
@@ -76,6 +94,7 @@ class ModelInfo:
             preprocessing=Preprocessing.from_json(data["preprocessing"]),
             provenance=dict(data.get("provenance", {})),
             metrics=dict(data.get("metrics", {})),
+            decoding=dict(data.get("decoding", {})),
         )
 
 

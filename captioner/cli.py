@@ -150,7 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--beam-size", type=int, default=3, metavar="K", help="beam width; 1 is greedy (default 3)")
     search.add_argument("--max-length", type=int, default=20, metavar="N", help="most words per caption (default 20)")
     search.add_argument(
-        "--length-penalty", type=float, default=1.0, metavar="P", help="score = log p / length**P (default 1)"
+        "--length-penalty", type=float, metavar="P", help="score = log p / length**P (default: the model's, else 1)"
+    )
+    search.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        metavar="N",
+        help="never say the same N words twice in a caption; 0 turns it off (default: the model's, else 0)",
+    )
+    search.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="P",
+        help="make words already said P times less likely (>= 1; 1 turns it off; default: the model's, else 1)",
     )
     search.add_argument("--sample", action="store_true", help="sample captions instead of searching")
     search.add_argument(
@@ -230,25 +242,31 @@ def _serve(arguments: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- caption
 
 
-def _search_options(args: argparse.Namespace) -> SearchOptions:
+def _search_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The search options given on the command line (None: not given, the model's or the search's
+    default applies), checked before the model loads."""
     if not args.sample and (args.temperature is not None or args.top_k is not None):
         raise OptionError("--temperature and --top-k only apply with --sample")
-    return SearchOptions(
-        beam_size=args.beam_size,
-        max_length=args.max_length,
-        n_best=args.n_best,
-        length_penalty=args.length_penalty,
-        sample=args.sample,
-        temperature=1.0 if args.temperature is None else args.temperature,
-        top_k=0 if args.top_k is None else args.top_k,
-    )
+    given = {
+        "beam_size": args.beam_size,
+        "max_length": args.max_length,
+        "n_best": args.n_best,
+        "length_penalty": args.length_penalty,
+        "sample": args.sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    SearchOptions(**{name: value for name, value in given.items() if value is not None})
+    return given
 
 
 def _caption_command(args: argparse.Namespace) -> int:
     try:
-        options = _search_options(args)
+        given_options = _search_options(args)
         output = open_output(args.output, sys.stdout, sys.stderr)
-        if options.n_best > 1 and not isinstance(output, JsonlOutput):
+        if args.n_best > 1 and not isinstance(output, JsonlOutput):
             raise OptionError("--n-best above 1 needs --output FILE.jsonl (CSV and stdout hold one caption per image)")
         paths = list_inputs(args.paths, args.recursive)
         if not paths:
@@ -267,6 +285,7 @@ def _caption_command(args: argparse.Namespace) -> int:
     except (CheckpointError, OSError, ValueError) as error:
         hint = "" if args.model else f" (give --model DIR or set ${MODEL_DIR_VARIABLE})"
         return _fail(EXIT_MODEL, f"cannot load the model: {error}{hint}")
+    options = captioner.search_options(**given_options)
 
     try:
         done = output.resume(set(paths))

@@ -8,10 +8,18 @@ Lengths: ``max_length`` bounds the number of words. A hypothesis that reaches it
 ``truncated``, so every image gets a result. The score of a hypothesis is its total log-probability
 divided by ``length ** length_penalty`` (length counts the words plus ``<end>``): 0 ranks by raw
 log-probability, which favours short captions; 1 ranks by mean log-probability per token.
+
+Repetition: every mode reads the next word from the same distribution, after two optional changes
+that depend only on a row's own words so far. ``no_repeat_ngram_size = n`` forbids any word that
+would make an n-gram the caption already holds ("a hat and a hat" with n = 2), and
+``repetition_penalty = p`` makes each word already in the caption less likely, dividing its logit
+by p where it is positive and multiplying it by p where negative (Keskar et al.'s CTRL rule). Scores
+and log-probabilities are then those of the changed distribution, the one the search ranks by.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,8 +48,22 @@ class SearchOptions:
     sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
+    no_repeat_ngram_size: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
 
     def __post_init__(self) -> None:
+        # Types first: a float beam or a string penalty would otherwise pass the range checks or fail
+        # deep inside torch with an error that names neither the option nor the rule.
+        for name in ("beam_size", "max_length", "n_best", "top_k", "no_repeat_ngram_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise OptionError(f"{name} must be an integer, not {value!r}")
+        for name in ("length_penalty", "temperature", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise OptionError(f"{name} must be a finite number, not {value!r}")
+        if not isinstance(self.sample, bool):
+            raise OptionError(f"sample must be true or false, not {self.sample!r}")
         if not 1 <= self.beam_size <= 50:
             raise OptionError("beam_size must be an integer from 1 to 50", code="invalid_option")
         if not 1 <= self.max_length <= 200:
@@ -54,6 +76,10 @@ class SearchOptions:
             raise OptionError("temperature must lie in (0, 100]")
         if self.top_k < 0:
             raise OptionError("top_k must be >= 0 (0 disables it)")
+        if not 0 <= self.no_repeat_ngram_size <= 10:
+            raise OptionError("no_repeat_ngram_size must be an integer from 0 to 10 (0 disables it)")
+        if not 1.0 <= self.repetition_penalty <= 10.0:
+            raise OptionError("repetition_penalty must lie in [1, 10] (1 disables it)")
 
 
 def search(
@@ -90,13 +116,45 @@ def _sampler(
     return pick
 
 
+def _discourage_repeats(logits: torch.Tensor, generated: torch.Tensor, options: SearchOptions) -> None:
+    """Apply the repetition penalty and the n-gram ban, in place, to ``logits`` (N, V) of rows whose
+    words so far are ``generated`` (N, t)."""
+    t = generated.shape[1]
+    if options.repetition_penalty != 1.0 and t > 0:
+        seen = logits.gather(1, generated)  # (N, t) logits of the words already said
+        p = options.repetition_penalty
+        logits.scatter_(1, generated, torch.where(seen > 0, seen / p, seen * p))
+    n = options.no_repeat_ngram_size
+    if n == 0 or t == 0:
+        return
+    if n == 1:
+        logits.scatter_(1, generated, float("-inf"))  # no word twice
+        return
+    if t < n:
+        return  # no whole n-gram yet
+    ngrams = generated.unfold(1, n, 1)  # (N, W, n) every n-gram said so far, W = t - n + 1
+    prefix = generated[:, t - n + 1 :]  # (N, n-1) the words a new n-gram would start with
+    repeats = (ngrams[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2)  # (N, W) n-grams that began so before
+    rows, at = repeats.nonzero(as_tuple=True)
+    logits[rows, ngrams[rows, at, -1]] = float("-inf")  # the word that would repeat such an n-gram
+
+
 def _next_log_probs(
-    decoder: Decoder, tokens: torch.Tensor, state: State, memory: Memory, force_end: bool
+    decoder: Decoder,
+    tokens: torch.Tensor,
+    state: State,
+    memory: Memory,
+    force_end: bool,
+    generated: torch.Tensor,
+    options: SearchOptions,
 ) -> tuple[torch.Tensor, State, torch.Tensor]:
+    """Read ``tokens`` (N,), the last of each row's words so far ``generated`` (N, t); the next word's
+    log-probabilities (N, V), the new state and the attention that produced them (N, R)."""
     step = decoder.step(tokens, state, memory)
     logits = decoder.step_logits(step)  # (N, V)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # half precision is too coarse for summing log-probabilities
+    _discourage_repeats(logits, generated, options)
     logits[:, [PAD_ID, START_ID]] = float("-inf")  # <pad> and <start> are never words of a caption
     log_probs = logits.log_softmax(dim=1)  # (N, V)
     if force_end:
@@ -134,11 +192,15 @@ def _search_one_path(
     memory = memory.one_row_per_image()  # rows end one by one, each taking its memory along
     active = torch.arange(n, device=features.device)  # rows still being extended
     tokens = torch.full((n,), START_ID, dtype=torch.long, device=features.device)
+    generated = torch.empty(n, 0, dtype=torch.long, device=features.device)  # (N, t) words so far
     history: list[list[tuple[int, float, torch.Tensor]]] = [[] for _ in range(n)]
     results: list[list[Hypothesis]] = [[] for _ in range(n)]
     for t in range(options.max_length + 1):
-        log_probs, state, alpha = _next_log_probs(decoder, tokens, state, memory, t == options.max_length)
+        log_probs, state, alpha = _next_log_probs(
+            decoder, tokens, state, memory, t == options.max_length, generated, options
+        )
         tokens = pick(log_probs)  # (N,)
+        generated = torch.cat([generated, tokens.unsqueeze(1)], dim=1)  # (N, t+1)
         chosen = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (N,)
         ended = tokens == END_ID  # (N,)
         for image, token, lp, a in zip(active.tolist(), tokens.tolist(), chosen.tolist(), alpha, strict=True):
@@ -149,7 +211,7 @@ def _search_one_path(
             break
         if bool(ended.any()):
             keep = (~ended).nonzero().squeeze(1)  # (N',)
-            active, tokens = active[keep], tokens[keep]
+            active, tokens, generated = active[keep], tokens[keep], generated[keep]
             memory, state = memory.select(keep), state.select(keep)
     return results
 
@@ -185,7 +247,9 @@ def beam_search(decoder: Decoder, features: torch.Tensor, options: SearchOptions
     attention_history: torch.Tensor | None = None  # (B*K, t, R)
     finished: list[list[Hypothesis]] = [[] for _ in range(n_images)]
     for t in range(options.max_length + 1):
-        log_probs, state, alpha = _next_log_probs(decoder, tokens, state, memory, t == options.max_length)
+        log_probs, state, alpha = _next_log_probs(
+            decoder, tokens, state, memory, t == options.max_length, token_history, options
+        )
         B, V = images.shape[0], log_probs.shape[1]
         candidates = (beam_log_prob.unsqueeze(2) + log_probs.view(B, K, V)).view(B, K * V)  # (B, K*V)
         top_log_prob, top_index = candidates.topk(2 * K, dim=1)  # (B, 2K)

@@ -34,6 +34,16 @@ def openapi_document(config: ServiceConfig, version: str) -> dict[str, Any]:
             "type": "integer", "minimum": 1, "default": 1,
             "description": "How many captions to return per image, best first (at most beam_size).",
         },
+        "no_repeat_ngram_size": {
+            "type": "integer", "minimum": 0, "maximum": 10,
+            "description": "Never say the same run of this many words twice in a caption; 0 turns it off. "
+            "Default: the model's own setting (decoding in its model.json), else 0.",
+        },
+        "repetition_penalty": {
+            "type": "number", "minimum": 1, "maximum": 10,
+            "description": "Make each word already in the caption this many times less likely; 1 turns it off. "
+            "Default: the model's own setting, else 1.",
+        },
         "attention": {
             "type": "boolean", "default": False,
             "description": "Also return the words of the best caption and each word's attention grid.",

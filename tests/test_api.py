@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from PIL import Image
 
 from captioner import Captioner, CaptionResult, ImageError, OptionError
 from captioner.api import MODEL_DIR_VARIABLE, default_model_dir, resolve_device
+from captioner.checkpoint import METADATA_FILE
+from captioner.decoding import SearchOptions
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +27,20 @@ def captioner(tiny_model_dir: Path) -> Captioner:
 def photo(size: tuple[int, int] = (96, 64), seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def with_decoding(source: Path, target: Path, decoding: dict) -> Path:
+    """A copy of the model directory ``source`` (same weights) whose model.json sets ``decoding``."""
+    shutil.copytree(source, target)
+    metadata = json.loads((target / METADATA_FILE).read_text())
+    metadata["decoding"] = decoding
+    (target / METADATA_FILE).write_text(json.dumps(metadata))
+    return target
+
+
+def repeated_ngrams(words: list[str], n: int) -> int:
+    ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(ngrams) - len(set(ngrams))
 
 
 def encoded(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -153,11 +171,53 @@ def test_bad_options_raise_option_error(captioner: Captioner) -> None:
         captioner.caption(photo(), beam_size=0)
     with pytest.raises(OptionError, match="batch_size"):
         captioner.caption(photo(), batch_size=0)
+    with pytest.raises(OptionError, match="no_repeat_ngram_size"):
+        captioner.caption(photo(), no_repeat_ngram_size=-1)
+    with pytest.raises(OptionError, match="repetition_penalty"):
+        captioner.caption(photo(), repetition_penalty=0.5)
     if not torch.cuda.is_available():  # where a GPU is present, asking for CUDA is valid
         with pytest.raises(OptionError, match="cuda"):
             resolve_device("cuda")
     with pytest.raises(OptionError, match="unknown device"):
         resolve_device("tpu:x")
+
+
+def test_search_options_take_the_given_over_the_models_over_the_defaults(
+    tiny_model_dir: Path, captioner: Captioner, tmp_path: Path
+) -> None:
+    assert captioner.info.decoding == {} and captioner.search_options() == SearchOptions()
+    tuned = Captioner.from_pretrained(
+        with_decoding(tiny_model_dir, tmp_path / "tuned", {"length_penalty": 0.5, "no_repeat_ngram_size": 2}),
+        device="cpu",
+    )
+    defaults = tuned.search_options(beam_size=2, repetition_penalty=None)  # None: not given
+    assert defaults == SearchOptions(beam_size=2, length_penalty=0.5, no_repeat_ngram_size=2, repetition_penalty=1.0)
+    given = tuned.search_options(no_repeat_ngram_size=0, length_penalty=0.0, repetition_penalty=1.5)
+    assert (given.no_repeat_ngram_size, given.length_penalty, given.repetition_penalty) == (0, 0.0, 1.5)
+    with pytest.raises(OptionError, match="beam_width"):
+        tuned.search_options(beam_width=3)
+    with pytest.raises(OptionError, match="repetition_penalty"):
+        tuned.search_options(repetition_penalty=0.5)
+
+
+def test_a_models_no_repeat_ngram_size_is_used_unless_overridden(
+    tiny_model_dir: Path, captioner: Captioner, tmp_path: Path
+) -> None:
+    images = [photo(seed=i) for i in range(3)]
+    tuned = Captioner.from_pretrained(
+        with_decoding(tiny_model_dir, tmp_path / "tuned", {"no_repeat_ngram_size": 2}), device="cpu"
+    )
+    for beam_size in (1, 3):
+        plain = captioner.caption(images, beam_size=beam_size, max_length=20)
+        assert all(repeated_ngrams(r.words, 2) > 0 for r in plain), "the test needs captions that repeat bigrams"
+        banned = tuned.caption(images, beam_size=beam_size, max_length=20)
+        assert all(repeated_ngrams(r.words, 2) == 0 and len(r.words) > 2 for r in banned), [r.caption for r in banned]
+        assert all(b.caption != p.caption for b, p in zip(banned, plain, strict=True))
+        assert [r.caption for r in banned] == [
+            r.caption for r in captioner.caption(images, beam_size=beam_size, max_length=20, no_repeat_ngram_size=2)
+        ], "the same weights with the same setting given explicitly"
+        overridden = tuned.caption(images, beam_size=beam_size, max_length=20, no_repeat_ngram_size=0)
+        assert [r.caption for r in overridden] == [r.caption for r in plain], "0 given turns the model's ban off"
 
 
 def test_default_model_directory_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 from PIL import Image
 
 from captioner import Captioner, CheckpointError
-from captioner.checkpoint import METADATA_FILE, WEIGHTS_FILE, load_model, read_info
+from captioner.checkpoint import METADATA_FILE, WEIGHTS_FILE, load_model, read_info, save_model
+from captioner.decoding import SearchOptions
 from tests.conftest import make_model_dir
 
 
@@ -91,6 +93,13 @@ def test_a_directory_of_pickled_weights_is_refused(tmp_path: Path) -> None:
         (lambda d: _edit_json(d, lambda j: j["config"]["decoder"].update(hidden_dim=64)), "wrong shape"),
         (lambda d: _edit_json(d, lambda j: j["config"]["decoder"].update(typo=1)), "unknown DecoderConfig"),
         (lambda d: _edit_json(d, lambda j: j["config"]["decoder"].update(num_layers=2)), "does not match"),
+        (lambda d: _edit_json(d, lambda j: j.update(decoding={"beam_size": 5})), "unknown decoding settings"),
+        (lambda d: _edit_json(d, lambda j: j.update(decoding={"repetition_penalty": 0.5})), "repetition_penalty must"),
+        (lambda d: _edit_json(d, lambda j: j.update(decoding={"no_repeat_ngram_size": 11})), "no_repeat_ngram_size"),
+        (lambda d: _edit_json(d, lambda j: j.update(decoding={"no_repeat_ngram_size": 2.5})), "no_repeat_ngram_size"),
+        (lambda d: _edit_json(d, lambda j: j.update(decoding={"length_penalty": "0.5"})), "length_penalty must be a"),
+        (lambda d: _edit_json(d, lambda j: j.update(decoding={"length_penalty": -1})), "length_penalty must be >= 0"),
+        (lambda d: _edit_json(d, lambda j: j.update(decoding=[1, 2])), "not a valid model description"),
     ],
 )
 def test_damaged_directories_raise_checkpoint_errors(tmp_path: Path, damage, message: str) -> None:
@@ -98,6 +107,39 @@ def test_damaged_directories_raise_checkpoint_errors(tmp_path: Path, damage, mes
     damage(directory)
     with pytest.raises(CheckpointError, match=message):
         load_model(directory)
+
+
+def test_decoding_settings_round_trip_through_the_model_directory(tmp_path: Path) -> None:
+    model, info = load_model(make_model_dir(tmp_path / "model"))
+    assert info.decoding == {}
+    decoding = {"length_penalty": 0.7, "no_repeat_ngram_size": 3, "repetition_penalty": 1.25}
+    saved = save_model(tmp_path / "tuned", model, replace(info, decoding=decoding))
+    assert json.loads((saved / METADATA_FILE).read_text())["decoding"] == decoding
+    again = read_info(saved)
+    assert again.decoding == decoding and isinstance(again.decoding["no_repeat_ngram_size"], int)
+    assert load_model(saved)[1].decoding == decoding
+
+
+def test_a_model_json_without_decoding_still_loads(tmp_path: Path) -> None:
+    directory = make_model_dir(tmp_path / "model")
+    _edit_json(directory, lambda j: j.pop("decoding"))  # as model directories written before it existed
+    assert "decoding" not in json.loads((directory / METADATA_FILE).read_text())
+    assert read_info(directory).decoding == {}
+    assert Captioner.from_pretrained(directory, device="cpu").search_options() == SearchOptions()
+
+
+@pytest.mark.parametrize(
+    "decoding, message",
+    [
+        ({"n_best": 2}, r"unknown decoding settings \['n_best'\]"),
+        ({"repetition_penalty": 0.5}, "repetition_penalty must lie in"),
+        ({"no_repeat_ngram_size": True}, "no_repeat_ngram_size must be an integer"),
+    ],
+)
+def test_invalid_decoding_settings_are_refused_when_made(tmp_path: Path, decoding: dict, message: str) -> None:
+    _, info = load_model(make_model_dir(tmp_path / "model"))
+    with pytest.raises(CheckpointError, match=message):
+        replace(info, decoding=decoding)
 
 
 def test_missing_directory(tmp_path: Path) -> None:

@@ -158,6 +158,11 @@ def jsonl_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def repeated_bigrams(words: list[str]) -> int:
+    bigrams = [tuple(words[i : i + 2]) for i in range(len(words) - 1)]
+    return len(bigrams) - len(set(bigrams))
+
+
 def complete_lines(path: Path) -> int:
     """How many newline-terminated, parsable records a file holds (a cut-off tail does not count)."""
     if not path.exists():
@@ -322,6 +327,37 @@ def test_shards_split_the_inputs_without_overlap(tmp_path: Path, tiny_model_dir:
     assert sum(len(shard) for shard in shards) == len(expected)
 
 
+def test_no_repeat_ngram_size_from_the_command_line_or_the_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    write_noise_pngs(tmp_path / "imgs", 3)
+    tuned = tmp_path / "tuned"  # the same weights, with an n-gram ban of its own
+    shutil.copytree(tiny_model_dir, tuned)
+    metadata = json.loads((tuned / "model.json").read_text())
+    metadata["decoding"] = {"no_repeat_ngram_size": 2}
+    (tuned / "model.json").write_text(json.dumps(metadata))
+    common = ["caption", "imgs", "--beam-size", "1", "--max-length", "20", "--workers", "1"]
+    runs = {
+        "plain": ["--model", str(tiny_model_dir)],
+        "banned": ["--model", str(tiny_model_dir), "--no-repeat-ngram-size", "2"],
+        "model's": ["--model", "tuned"],
+        "model's, turned off": ["--model", "tuned", "--no-repeat-ngram-size", "0"],
+    }
+    results = run_side_by_side(
+        [[*CLI, *common, *extra, "--output", f"{i}.jsonl"] for i, extra in enumerate(runs.values())], tmp_path
+    )
+    captions = {}
+    for i, (name, result) in enumerate(zip(runs, results, strict=True)):
+        assert result.returncode == 0, (name, result.stderr)
+        captions[name] = {
+            record["path"]: record["caption"].split() for record in jsonl_records(tmp_path / f"{i}.jsonl")
+        }
+        assert len(captions[name]) == 3
+    assert all(repeated_bigrams(words) > 0 for words in captions["plain"].values()), "the test needs repeats"
+    assert all(repeated_bigrams(words) == 0 for words in captions["banned"].values()), captions["banned"]
+    assert captions["banned"] != captions["plain"]
+    assert captions["model's"] == captions["banned"], "the model's own setting applies when none is given"
+    assert captions["model's, turned off"] == captions["plain"], "an explicit 0 overrides the model's setting"
+
+
 def test_console_script_and_info(tmp_path: Path, tiny_model_dir: Path) -> None:
     scored = tmp_path / "scored"
     shutil.copytree(tiny_model_dir, scored)
@@ -381,6 +417,9 @@ def test_usage_errors_exit_2(
         (["caption", "imgs/*.gif", *model], "no file matches"),
         (["caption", "imgs", "--beam-size", "0", *model], "beam_size"),
         (["caption", "imgs", "--temperature", "0.5", *model], "--sample"),
+        (["caption", "imgs", "--repetition-penalty", "0.5", *model], "repetition_penalty"),
+        (["caption", "imgs", "--no-repeat-ngram-size", "-1", *model], "no_repeat_ngram_size"),
+        (["caption", "imgs", "--no-repeat-ngram-size", "two", *model], "invalid int value"),
         (["caption", "imgs", "--output", "out.txt", *model], ".jsonl or .csv"),
         (["caption", "imgs", "--beam-size", "2", "--n-best", "2", *model], "--n-best"),
         (["caption", "imgs", "--batch-size", "0", *model], "--batch-size"),
@@ -394,6 +433,23 @@ def test_usage_errors_exit_2(
         assert message in stderr, (args, stderr)
     assert (tmp_path / "foreign.jsonl").read_text() == '{"name": "someone else\'s data"}\n'  # left untouched
     assert not (tmp_path / "out.txt").exists()
+
+
+def test_bad_repetition_options_are_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_noise_pngs(tmp_path / "imgs", 1)
+    monkeypatch.chdir(tmp_path)
+    missing = ["--model", "no-such-model"]  # loading it would exit 3
+    for option, message in (
+        (["--repetition-penalty", "0.5"], "repetition_penalty"),
+        (["--length-penalty", "-1"], "length_penalty"),
+        (["--no-repeat-ngram-size", "11"], "no_repeat_ngram_size"),
+    ):
+        status, stderr = run_in_process(["caption", "imgs", *option, *missing], capsys)
+        assert status == 2 and message in stderr and "no-such-model" not in stderr, stderr
+    status, stderr = run_in_process(["caption", "imgs", "--no-repeat-ngram-size", "2", *missing], capsys)
+    assert status == 3, "a good value goes on to load the model"
 
 
 def test_cuda_asked_for_but_absent_exits_2(

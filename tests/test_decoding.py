@@ -8,7 +8,7 @@ import torch
 from captioner import decoding
 from captioner.config import DecoderConfig
 from captioner.decoder import Decoder
-from captioner.decoding import SearchOptions, search
+from captioner.decoding import SearchOptions, beam_search, search
 from captioner.errors import OptionError
 from captioner.vocab import END_ID, PAD_ID, START_ID
 
@@ -28,11 +28,16 @@ def features(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("beam_size", [1, 2, 4])
-def test_batched_search_equals_one_image_at_a_time(dtype: torch.dtype, tolerance: float, beam_size: int) -> None:
+@pytest.mark.parametrize(
+    "repeats", [{}, {"no_repeat_ngram_size": 2, "repetition_penalty": 1.3}], ids=["plain", "no-repeat"]
+)
+def test_batched_search_equals_one_image_at_a_time(
+    dtype: torch.dtype, tolerance: float, beam_size: int, repeats: dict
+) -> None:
     # Scores can differ in the last bits only: BLAS sums in a batch-size dependent order.
     decoder = make_decoder(dtype=dtype, end_bias=1.0)
     images = features(7, dtype=dtype)
-    options = SearchOptions(beam_size=beam_size, max_length=12, n_best=beam_size)
+    options = SearchOptions(beam_size=beam_size, max_length=12, n_best=beam_size, **repeats)
     with torch.no_grad():
         batched = search(decoder, images, options)
         single = [search(decoder, images[i : i + 1], options)[0] for i in range(7)]
@@ -103,6 +108,71 @@ def test_beam_size_one_equals_greedy_and_beam_search_finds_no_worse() -> None:
         assert b[0].log_prob >= g[0].log_prob - 1e-5, "a wider beam must not find a less probable caption"
 
 
+def repeated_ngrams(tokens: list[int], n: int) -> int:
+    ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(ngrams) - len(set(ngrams))
+
+
+def manual_greedy(decoder: Decoder, image: torch.Tensor, max_length: int, penalty: float, ban_ngram: int) -> list[int]:
+    """Argmax decoding through the public step function, with the CTRL penalty and the n-gram ban
+    written out word by word: the reference for the search's vectorised version."""
+    memory, state = decoder.init_state(image.unsqueeze(0))
+    token, said = torch.tensor([START_ID]), []
+    for _ in range(max_length):
+        step = decoder.step(token, state, memory)
+        state = step.state
+        logits = decoder.step_logits(step)[0]  # (V,)
+        for word in set(said):
+            logits[word] = logits[word] / penalty if logits[word] > 0 else logits[word] * penalty
+        if ban_ngram and len(said) >= ban_ngram:
+            prefix = said[len(said) - ban_ngram + 1 :]
+            for i in range(len(said) - ban_ngram + 1):
+                if said[i : i + ban_ngram - 1] == prefix:
+                    logits[said[i + ban_ngram - 1]] = float("-inf")
+        logits[[PAD_ID, START_ID]] = float("-inf")
+        said.append(int(logits.argmax()))
+        token = torch.tensor([said[-1]])
+        if said[-1] == END_ID:
+            return said
+    return [*said, END_ID]  # ended by max_length
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_size_leaves_no_ngram_twice_in_every_mode(n: int) -> None:
+    decoder = make_decoder(end_bias=-1e4)  # never ends: captions run to max_length and repeat themselves
+    images = features(6)
+    modes = [
+        SearchOptions(beam_size=1, max_length=50),
+        SearchOptions(beam_size=3, n_best=3, max_length=50),
+        SearchOptions(sample=True, n_best=3, max_length=50, temperature=0.7),
+    ]
+    for options in modes:
+        with torch.no_grad():
+            plain = search(decoder, images, options, torch.Generator().manual_seed(0))
+            banned = search(decoder, images, SearchOptions(**{**options.__dict__, "no_repeat_ngram_size": n}),
+                            torch.Generator().manual_seed(0))  # fmt: skip
+        assert sum(repeated_ngrams(h.tokens[:-1], n) for hyps in plain for h in hyps) > 0, "the test needs repeats"
+        for hyps in banned:
+            assert len(hyps) == options.n_best
+            for h in hyps:
+                assert repeated_ngrams(h.tokens[:-1], n) == 0, h.tokens
+
+
+@pytest.mark.parametrize("penalty, ban_ngram", [(1.0, 2), (1.5, 0), (1.3, 3)])
+def test_repetition_controls_match_a_word_by_word_reference(penalty: float, ban_ngram: int) -> None:
+    decoder = make_decoder(dtype=torch.float64, end_bias=-2.0)
+    images = features(4, dtype=torch.float64)
+    options = SearchOptions(beam_size=1, max_length=15, no_repeat_ngram_size=ban_ngram, repetition_penalty=penalty)
+    with torch.no_grad():
+        greedy = search(decoder, images, options)
+        beam1 = beam_search(decoder, images, options)
+        expected = [manual_greedy(decoder, image, 15, penalty, ban_ngram) for image in images]
+        unchanged = search(decoder, images, SearchOptions(beam_size=1, max_length=15))
+    assert [h[0].tokens for h in greedy] == expected
+    assert [h[0].tokens for h in beam1] == expected, "a beam of one is greedy search, with the controls too"
+    assert [h[0].tokens for h in unchanged] != expected, "the controls should change some caption here"
+
+
 def test_n_best_is_sorted_distinct_and_scored_by_length_penalty() -> None:
     decoder = make_decoder(end_bias=2.0)
     with torch.no_grad():
@@ -168,6 +238,18 @@ def test_sampling_n_best_returns_that_many_sorted_samples() -> None:
         ({"temperature": 0.0}, "temperature"),
         ({"top_k": -1}, "top_k"),
         ({"length_penalty": float("nan")}, "length_penalty"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+        ({"no_repeat_ngram_size": 2.5}, "no_repeat_ngram_size"),
+        ({"no_repeat_ngram_size": 11}, "no_repeat_ngram_size"),
+        ({"repetition_penalty": 0.9}, "repetition_penalty"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+        ({"repetition_penalty": "2"}, "repetition_penalty"),
+        ({"beam_size": 2.5}, "beam_size"),
+        ({"max_length": 7.5}, "max_length"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"n_best": True}, "n_best"),
+        ({"length_penalty": float("inf")}, "length_penalty"),
+        ({"sample": "yes"}, "sample"),
     ],
 )
 def test_bad_options_raise_option_error(kwargs: dict, word: str) -> None:

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from captioner.api import Captioner
+from captioner.checkpoint import METADATA_FILE
 from training.datasets import ImageRecord, load_records
 from training.evaluate import (
     SCENE_KEYS,
     EvaluationError,
+    caption_records,
     evaluate_model,
     format_table,
     main,
@@ -61,6 +63,11 @@ def _args(model: Path, data: Path, images: Path, *extra: str) -> list[str]:
     return ["--checkpoint", str(model), "--data", str(data), "--images", str(images), "--workers", "0", *extra]
 
 
+def _repeated_bigrams(words: list[str]) -> int:
+    bigrams = [tuple(words[i : i + 2]) for i in range(len(words) - 1)]
+    return len(bigrams) - len(set(bigrams))
+
+
 def _ratio_ok(value: object) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
@@ -102,6 +109,57 @@ def test_cli_end_to_end_writes_metrics_results_and_table(
     for key in (*NO_METEOR_KEYS, *SCENE_KEYS):
         assert key in done.stdout
     assert f"{metrics['Bleu_1']:.4f}" in done.stdout
+
+
+def test_decoding_settings_reach_the_search(
+    captioner: Captioner, test_records: list[ImageRecord], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = test_records[:3]
+    plain = caption_records(captioner, records, beam_size=1, max_length=20)
+    assert all(_repeated_bigrams(r.words) > 0 for r in plain.results.values()), "the test needs repeated bigrams"
+    banned = caption_records(captioner, records, beam_size=1, max_length=20, decoding={"no_repeat_ngram_size": 2})
+    assert all(_repeated_bigrams(r.words) == 0 for r in banned.results.values())
+
+    seen: list[tuple[object, list[list[str]]]] = []
+    original = captioner.caption_pixels
+
+    def spy(pixels, options, generator=None):  # noqa: ANN001, ANN202
+        results = original(pixels, options, generator)
+        seen.append((options, [r.words for r in results]))
+        return results
+
+    monkeypatch.setattr(captioner, "caption_pixels", spy)
+    decoding = {"no_repeat_ngram_size": 2, "repetition_penalty": 1.5, "length_penalty": 0.5}
+    scores = evaluate_model(captioner, records, beam_size=1, max_length=20, meteor=False, decoding=decoding)
+    assert scores["images"] == len(records) and seen
+    for options, words in seen:
+        assert (options.no_repeat_ngram_size, options.repetition_penalty, options.length_penalty) == (2, 1.5, 0.5)
+        assert all(_repeated_bigrams(w) == 0 for w in words)
+    untouched = evaluate_model(captioner, records, beam_size=1, max_length=20, meteor=False)
+    assert untouched["Bleu_1"] != scores["Bleu_1"] or untouched["CIDEr"] != scores["CIDEr"]
+
+
+def test_cli_records_the_effective_decoding_settings(
+    tiny_model_dir: Path, scene_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tuned = tmp_path / "tuned"  # the same weights, with decoding settings of its own
+    shutil.copytree(tiny_model_dir, tuned)
+    metadata = json.loads((tuned / METADATA_FILE).read_text())
+    metadata["decoding"] = {"no_repeat_ngram_size": 3, "repetition_penalty": 1.5}
+    (tuned / METADATA_FILE).write_text(json.dumps(metadata))
+    output = tmp_path / "metrics.json"
+    data = scene_set / "dataset.json"
+
+    def effective(model: Path, *options: str) -> tuple:
+        args = _args(model, data, scene_set, "--no-meteor", "--limit", "2", "--beam-size", "1", *options)
+        assert main([*args, "--output", str(output)]) == 0, capsys.readouterr().err
+        settings = json.loads(output.read_text(encoding="utf-8"))["settings"]
+        return settings["no_repeat_ngram_size"], settings["repetition_penalty"], settings["length_penalty"]
+
+    # given on the command line, else the model's own, else the search's default
+    assert effective(tuned, "--no-repeat-ngram-size", "2") == (2, 1.5, 1.0)
+    assert effective(tuned) == (3, 1.5, 1.0)
+    assert effective(tiny_model_dir, "--length-penalty", "0.5") == (0, 1.0, 0.5)
 
 
 @needs_java
@@ -292,7 +350,18 @@ def test_missing_java_is_reported_before_captioning(
     assert "Java" in err and "--no-meteor" in err
 
 
-@pytest.mark.parametrize("option", [["--beam-size", "0"], ["--batch-size", "0"], ["--limit", "0"], ["--workers", "-1"]])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--beam-size", "0"],
+        ["--batch-size", "0"],
+        ["--limit", "0"],
+        ["--workers", "-1"],
+        ["--no-repeat-ngram-size", "-1"],
+        ["--repetition-penalty", "0.5"],
+        ["--length-penalty", "-1"],
+    ],
+)
 def test_bad_options_are_refused(
     option: list[str], tiny_model_dir: Path, scene_set: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

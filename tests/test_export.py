@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from captioner.checkpoint import WEIGHTS_FILE, load_model, read_info
-from training.export import main
+from captioner.checkpoint import METADATA_FILE, WEIGHTS_FILE, load_model, read_info
+from captioner.errors import CheckpointError
+from training.export import export, main
 
 
 def test_export_writes_a_half_precision_copy_with_new_metadata(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -35,3 +37,42 @@ def test_export_reports_bad_input(tmp_path: Path, capsys) -> None:
     bad.write_text("[1, 2]")
     assert main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "x"), "--metrics", str(bad)]) == 2
     assert "JSON object" in capsys.readouterr().err
+
+
+def test_export_sets_the_decoding_defaults_over_the_sources(tiny_model_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    export(tiny_model_dir, source, decoding={"length_penalty": 0.7, "no_repeat_ngram_size": 2})
+    assert read_info(source).decoding == {"length_penalty": 0.7, "no_repeat_ngram_size": 2}
+    out = tmp_path / "shipped"
+    argv = ["--checkpoint", str(source), "--out", str(out), "--no-repeat-ngram-size", "3"]
+    assert main([*argv, "--repetition-penalty", "1.2"]) == 0
+    # given: replaced; not given: kept from the source
+    assert read_info(out).decoding == {"length_penalty": 0.7, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+    assert json.loads((out / METADATA_FILE).read_text())["decoding"]["no_repeat_ngram_size"] == 3
+    plain = tmp_path / "plain"
+    assert main(["--checkpoint", str(tiny_model_dir), "--out", str(plain), "--length-penalty", "0"]) == 0
+    assert read_info(plain).decoding == {"length_penalty": 0.0}
+    with pytest.raises(CheckpointError, match="repetition_penalty"):
+        export(tiny_model_dir, tmp_path / "bad", decoding={"repetition_penalty": 0.5})
+    with pytest.raises(CheckpointError, match="unknown decoding settings"):
+        export(tiny_model_dir, tmp_path / "bad", decoding={"beam_size": 5})
+    assert not (tmp_path / "bad").exists(), "nothing is written for a bad setting"
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--repetition-penalty", "0.5"], "repetition_penalty"),
+        (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size"),
+        (["--no-repeat-ngram-size", "11"], "no_repeat_ngram_size"),
+        (["--length-penalty", "nan"], "length_penalty"),
+    ],
+)
+def test_export_refuses_bad_decoding_settings(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], message: str
+) -> None:
+    out = tmp_path / "x"
+    assert main(["--checkpoint", str(tiny_model_dir), "--out", str(out), *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

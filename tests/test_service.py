@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from captioner import Captioner
+from captioner.checkpoint import METADATA_FILE
 from service import ServiceConfig, create_app
 from service.__main__ import build_parser, environment, main
 from service.config import ConfigError, ServerSettings
@@ -83,6 +86,11 @@ def make_app(captioner: Captioner) -> Iterator[Callable[..., Flask]]:
 @pytest.fixture(scope="module")
 def client(make_app: Callable[..., Flask]) -> FlaskClient:
     return make_app().test_client()
+
+
+def repeated_bigrams(words: list[str]) -> int:
+    bigrams = [tuple(words[i : i + 2]) for i in range(len(words) - 1)]
+    return len(bigrams) - len(set(bigrams))
 
 
 def error_of(response: Any) -> dict[str, str]:
@@ -266,6 +274,59 @@ def test_n_best_and_attention(client: FlaskClient, captioner: Captioner) -> None
     assert np.allclose(attention.sum(axis=(1, 2)), 1.0, atol=g * g * 1e-4)
 
 
+def test_repetition_options_as_form_fields_and_json(client: FlaskClient, captioner: Captioner) -> None:
+    image = png(4)
+    plain = captioner.caption(image, beam_size=1, max_length=20)
+    assert repeated_bigrams(plain.words) > 0, "the test needs a caption that repeats bigrams"
+    form = client.post(
+        "/predict",
+        data={"image": (io.BytesIO(image), "x.png"), "beam_size": "1", "max_length": "20"}
+        | {"no_repeat_ngram_size": "2", "repetition_penalty": "1.0"},
+    )
+    assert form.status_code == 200, form.get_data(as_text=True)
+    words = form.get_json()["results"][0]["captions"][0]["caption"].split()
+    assert (
+        repeated_bigrams(words) == 0
+        and words == captioner.caption(image, max_length=20, beam_size=1, no_repeat_ngram_size=2).words
+    )
+    encoded = base64.b64encode(image).decode()
+    document = {
+        "image": encoded,
+        "beam_size": 1,
+        "max_length": 20,
+        "no_repeat_ngram_size": 3,
+        "repetition_penalty": 1.5,
+    }
+    as_json = client.post("/predict", json=document)
+    assert as_json.status_code == 200, as_json.get_data(as_text=True)
+    expected = captioner.caption(image, beam_size=1, max_length=20, no_repeat_ngram_size=3, repetition_penalty=1.5)
+    assert as_json.get_json()["results"][0]["captions"][0]["caption"] == expected.caption != plain.caption
+
+
+def test_the_models_own_decoding_applies_when_the_request_leaves_it_out(
+    make_app: Callable[..., Flask], tiny_model_dir: Path, captioner: Captioner, tmp_path: Path
+) -> None:
+    tuned_dir = tmp_path / "tuned"  # the same weights, with an n-gram ban of its own
+    shutil.copytree(tiny_model_dir, tuned_dir)
+    metadata = json.loads((tuned_dir / METADATA_FILE).read_text())
+    metadata["decoding"] = {"no_repeat_ngram_size": 2}
+    (tuned_dir / METADATA_FILE).write_text(json.dumps(metadata))
+    client = make_app(Captioner.from_pretrained(tuned_dir, device="cpu")).test_client()
+    image = png(5)
+    plain = captioner.caption(image, beam_size=1, max_length=20)
+    assert repeated_bigrams(plain.words) > 0, "the test needs a caption that repeats bigrams"
+
+    def caption(**options: Any) -> str:
+        response = client.post("/predict", json={"image": base64.b64encode(image).decode(), **options})
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return response.get_json()["results"][0]["captions"][0]["caption"]
+
+    default = caption(beam_size=1, max_length=20)
+    assert repeated_bigrams(default.split()) == 0
+    assert default == captioner.caption(image, beam_size=1, max_length=20, no_repeat_ngram_size=2).caption
+    assert caption(beam_size=1, max_length=20, no_repeat_ngram_size=0) == plain.caption, "the request's 0 wins"
+
+
 def test_options_may_come_from_the_query_string_of_a_raw_body(client: FlaskClient) -> None:
     response = client.post("/predict", data=png(), content_type="image/jpeg", query_string={"n_best": "2"})
     # The Content-Type says JPEG but the bytes are PNG: the decoder trusts the bytes, not the label.
@@ -284,6 +345,13 @@ def test_options_may_come_from_the_query_string_of_a_raw_body(client: FlaskClien
         ({"max_length": "51"}, "invalid_option"),
         ({"beam_size": "2", "n_best": "3"}, "invalid_option"),
         ({"attention": "maybe"}, "invalid_option"),
+        ({"no_repeat_ngram_size": "-1"}, "invalid_option"),
+        ({"no_repeat_ngram_size": "11"}, "invalid_option"),
+        ({"no_repeat_ngram_size": "two"}, "invalid_option"),
+        ({"repetition_penalty": "0.5"}, "invalid_option"),
+        ({"repetition_penalty": "10.5"}, "invalid_option"),
+        ({"repetition_penalty": "nan"}, "invalid_option"),
+        ({"repetition_penalty": "strong"}, "invalid_option"),
         ({"beam": "3"}, "unknown_option"),
     ],
 )
@@ -299,12 +367,25 @@ def test_bad_option_values_are_400(client: FlaskClient, options: dict[str, str],
         {"image": "x", "beam_size": 2.5},
         {"image": "x", "attention": "sometimes"},
         {"image": "x", "max_length": [3]},
+        {"image": "x", "no_repeat_ngram_size": 2.0},
+        {"image": "x", "no_repeat_ngram_size": True},
+        {"image": "x", "repetition_penalty": True},
+        {"image": "x", "repetition_penalty": [1.5]},
+        {"image": "x", "repetition_penalty": 0.99},
     ],
 )
 def test_json_options_must_have_the_right_type(client: FlaskClient, document: dict[str, Any]) -> None:
     document["image"] = base64.b64encode(png()).decode()
     response = client.post("/predict", json=document)
     assert response.status_code == 400 and error_of(response)["code"] == "invalid_option"
+
+
+def test_repetition_options_are_named_when_refused(client: FlaskClient) -> None:
+    for name, value in (("no_repeat_ngram_size", "-1"), ("repetition_penalty", "0.5")):
+        response = client.post("/predict", data={"image": (io.BytesIO(png()), "x.png"), name: value})
+        assert response.status_code == 400
+        error = error_of(response)
+        assert error["code"] == "invalid_option" and name in error["message"] and value in error["message"]
 
 
 def test_an_option_given_twice_is_refused(client: FlaskClient) -> None:
@@ -529,6 +610,8 @@ def test_openapi_documents_every_route(client: FlaskClient) -> None:
     assert routes == set(document["paths"])
     parameters = {p["name"]: p["schema"] for p in document["paths"]["/predict"]["post"]["parameters"]}
     assert parameters["beam_size"]["maximum"] == ServiceConfig().max_beam_size
+    assert (parameters["no_repeat_ngram_size"]["minimum"], parameters["no_repeat_ngram_size"]["maximum"]) == (0, 10)
+    assert (parameters["repetition_penalty"]["minimum"], parameters["repetition_penalty"]["maximum"]) == (1, 10)
 
 
 def test_the_page_and_its_assets_are_local(client: FlaskClient) -> None:

@@ -106,13 +106,16 @@ def caption_records(
     batch_size: int = 32,
     workers: int = 0,
     progress: bool = False,
+    decoding: Mapping[str, Any] | None = None,
 ) -> Captioned:
     """Caption every record's image with beam search, ``batch_size`` images per forward pass.
+    ``decoding`` holds search settings that replace the model's own (``no_repeat_ngram_size``,
+    ``repetition_penalty``, ``length_penalty``; None values keep the model's).
 
     Decoding and preprocessing run in ``workers`` DataLoader processes (0: in this process), which
     report an unreadable image instead of raising, so one bad file costs one image, not the run.
     """
-    options = SearchOptions(beam_size=beam_size, max_length=max_length)
+    options = captioner.search_options(beam_size=beam_size, max_length=max_length, **(decoding or {}))
     if not 1 <= batch_size <= _MAX_BATCH_SIZE:
         raise OptionError(f"batch_size must lie in [1, {_MAX_BATCH_SIZE}]")
     if workers < 0:
@@ -191,11 +194,12 @@ def evaluate_model(
     meteor: bool = True,
     workers: int = 0,
     progress: bool = False,
+    decoding: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Caption ``records`` and score the captions: the dict of :func:`score_captions` plus ``skipped``,
-    the number of images that could not be read."""
-    scores, _ = _evaluate(captioner, records, beam_size, max_length, batch_size, meteor, workers, progress)
-    return scores
+    the number of images that could not be read. ``decoding`` as for :func:`caption_records`."""
+    captioned = caption_records(captioner, records, beam_size, max_length, batch_size, workers, progress, decoding)
+    return _score(records, captioned, meteor)
 
 
 def results_file(records: Sequence[ImageRecord], captioned: Captioned) -> list[dict[str, Any]]:
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        scores, captioned, records = _run(args)
+        scores, captioned, records, search = _run(args)
     except CaptionerError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -253,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             "split": args.split,
             "beam_size": args.beam_size,
             "max_length": args.max_length,
+            "length_penalty": search.length_penalty,
+            "no_repeat_ngram_size": search.no_repeat_ngram_size,
+            "repetition_penalty": search.repetition_penalty,
             "limit": args.limit,
         },
     }
@@ -269,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Captioned, list[ImageRecord]]:
+def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Captioned, list[ImageRecord], SearchOptions]:
     """Check everything cheap first (options, Java, data, checkpoint), then caption and score."""
-    SearchOptions(beam_size=args.beam_size, max_length=args.max_length)
+    SearchOptions(beam_size=args.beam_size, max_length=args.max_length, **_decoding(args))
     if not 1 <= args.batch_size <= _MAX_BATCH_SIZE:
         raise OptionError(f"--batch-size must lie in [1, {_MAX_BATCH_SIZE}]")
     if args.workers < 0:
@@ -293,30 +300,25 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Captioned, list[Imag
         raise DatasetError(f"{args.data}: {error}") from None
     captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
     progress = sys.stderr.isatty()
-    scores, captioned = _evaluate(
-        captioner,
-        records,
-        args.beam_size,
-        args.max_length,
-        args.batch_size,
-        not args.no_meteor,
-        args.workers,
-        progress,
+    captioned = caption_records(
+        captioner, records, args.beam_size, args.max_length, args.batch_size, args.workers, progress, _decoding(args)
     )
-    return scores, captioned, records
+    scores = _score(records, captioned, not args.no_meteor)
+    search = captioner.search_options(beam_size=args.beam_size, max_length=args.max_length, **_decoding(args))
+    return scores, captioned, records, search
 
 
-def _evaluate(
-    captioner: Captioner,
-    records: Sequence[ImageRecord],
-    beam_size: int,
-    max_length: int,
-    batch_size: int,
-    meteor: bool,
-    workers: int,
-    progress: bool,
-) -> tuple[dict[str, Any], Captioned]:
-    captioned = caption_records(captioner, records, beam_size, max_length, batch_size, workers, progress)
+def _decoding(args: argparse.Namespace) -> dict[str, Any]:
+    """The search settings given on the command line in place of the model's own."""
+    given = {
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "repetition_penalty": args.repetition_penalty,
+        "length_penalty": args.length_penalty,
+    }
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _score(records: Sequence[ImageRecord], captioned: Captioned, meteor: bool) -> dict[str, Any]:
     readable = [r for r in records if r.image_id in captioned.results]
     if not readable:
         first = next(iter(captioned.failed.items()), None)
@@ -329,7 +331,7 @@ def _evaluate(
         meteor=meteor,
     )
     scores["skipped"] = len(captioned.failed)
-    return scores, captioned
+    return scores
 
 
 def _references(record: ImageRecord) -> list[list[str]]:
@@ -379,6 +381,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", help="split to evaluate: train, val or test (default: test)")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20, help="most words per caption")
+    parser.add_argument("--no-repeat-ngram-size", type=int, help="n-gram ban of the search (default: the model's)")
+    parser.add_argument("--repetition-penalty", type=float, help="repetition penalty (default: the model's)")
+    parser.add_argument("--length-penalty", type=float, help="score = log p / length**P (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes (0: none)"

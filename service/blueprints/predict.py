@@ -30,7 +30,9 @@ from service.runtime import runtime_of
 
 blueprint = Blueprint("predict", __name__)
 
-OPTION_NAMES = ("beam_size", "max_length", "n_best", "attention")
+OPTION_NAMES = ("beam_size", "max_length", "n_best", "attention", "no_repeat_ngram_size", "repetition_penalty")
+MAX_NO_REPEAT_NGRAM_SIZE = 10
+MAX_REPETITION_PENALTY = 10.0
 
 # Content-Types accepted for a raw image body. Other image/* types (SVG, HEIC...) are formats the
 # decoder does not read, so they are refused up front with 415 rather than failing to decode.
@@ -80,7 +82,8 @@ def predict() -> Response:
         config = runtime.config
         with runtime.arriving() as arrival:  # the batcher waits for this request only while it prepares
             images, values = _read_request(config)
-            options = parse_options(values, config)
+            assert runtime.captioner is not None  # ready
+            options = parse_options(values, config, runtime.captioner.info.decoding)
             several = len(images) > 1
             pixels = [runtime.preprocess(data, f"image {i + 1}" if several else None) for i, data in enumerate(images)]
             results = runtime.caption(pixels, options.search, arrival)
@@ -209,8 +212,12 @@ def _check_count(count: int, config: ServiceConfig) -> None:
         raise ServiceError(413, "too_many_images", f"{count} images in one request; the limit is {config.max_images}")
 
 
-def parse_options(values: dict[str, list[Any]], config: ServiceConfig) -> PredictOptions:
-    """Validate the request's options against the service's limits; any bad value is a 400."""
+def parse_options(
+    values: dict[str, list[Any]], config: ServiceConfig, model_decoding: dict[str, Any] | None = None
+) -> PredictOptions:
+    """Validate the request's options against the service's limits; any bad value is a 400. Options
+    the request leaves out take the model's own decoding settings (``model_decoding``), else the
+    search's defaults."""
     unknown = sorted(set(values) - set(OPTION_NAMES))
     if unknown:
         shown = ", ".join(repr(name[:40]) for name in unknown[:5])
@@ -224,26 +231,44 @@ def parse_options(values: dict[str, list[Any]], config: ServiceConfig) -> Predic
     max_length = _integer(single, "max_length", config.default_max_length, config.max_caption_length)
     n_best = _integer(single, "n_best", 1, beam_size)
     attention = _boolean(single, "attention", False)
+    repeats = dict(model_decoding or {})
+    if "no_repeat_ngram_size" in single:
+        repeats["no_repeat_ngram_size"] = _integer(single, "no_repeat_ngram_size", 0, MAX_NO_REPEAT_NGRAM_SIZE, 0)
+    if "repetition_penalty" in single:
+        repeats["repetition_penalty"] = _number(single, "repetition_penalty", 1.0, MAX_REPETITION_PENALTY)
     try:
-        search = SearchOptions(beam_size=beam_size, max_length=max_length, n_best=n_best)
+        search = SearchOptions(beam_size=beam_size, max_length=max_length, n_best=n_best, **repeats)
     except OptionError as error:
         raise ServiceError(400, "invalid_option", error.message) from None
     return PredictOptions(search, attention)
 
 
-def _integer(values: dict[str, Any], name: str, default: int, maximum: int) -> int:
+def _integer(values: dict[str, Any], name: str, default: int, maximum: int, minimum: int = 1) -> int:
     if name not in values:
         return default
     value = values[name]
-    problem = f"{name} must be an integer from 1 to {maximum}"
+    problem = f"{name} must be an integer from {minimum} to {maximum}"
     if isinstance(value, str):
         try:
             value = int(value.strip())
         except ValueError:
             raise ServiceError(400, "invalid_option", f"{problem}, got {value[:40]!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise ServiceError(400, "invalid_option", f"{problem}, got {_show(value)}")
     return value
+
+
+def _number(values: dict[str, Any], name: str, minimum: float, maximum: float) -> float:
+    value = values[name]
+    problem = f"{name} must be a number from {minimum:g} to {maximum:g}"
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ServiceError(400, "invalid_option", f"{problem}, got {value[:40]!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value <= maximum:
+        raise ServiceError(400, "invalid_option", f"{problem}, got {_show(value)}")
+    return float(value)
 
 
 def _boolean(values: dict[str, Any], name: str, default: bool) -> bool:

@@ -369,13 +369,15 @@ def caption_slots(image_of_caption: torch.Tensor, images: int) -> tuple[torch.Te
 def caption_loss(
     logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, attention_penalty: float, pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over non-pad words plus the doubly stochastic attention penalty
-    lambda * sum_i (1 - sum_t alpha_ti)^2 (averaged over captions), which pushes the decoder to look
-    at every region over the course of a caption. Returns (total loss, cross-entropy alone)."""
+    """Xu et al.'s cost, -log P(y|a) + lambda sum_i (1 - sum_t alpha_ti)^2 per caption, summed over the
+    batch and divided by the number of words predicted: the mean cross-entropy per word plus lambda
+    times the doubly stochastic penalty per word. Dividing both terms alike keeps the paper's ratio
+    between them, so lambda means what it means there (the paper's cost sums a caption's words).
+    Returns (total loss, cross-entropy alone)."""
     mask = targets != pad_id  # (B, T-1)
     cross_entropy = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=pad_id)
     if attention_penalty == 0.0:
         return cross_entropy, cross_entropy
-    coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, R)
-    penalty = ((1.0 - coverage) ** 2).sum(dim=1).mean()
+    coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, R) sum_t alpha_ti
+    penalty = ((1.0 - coverage) ** 2).sum() / mask.sum().clamp(min=1)  # per word, like the cross-entropy
     return cross_entropy + attention_penalty * penalty, cross_entropy

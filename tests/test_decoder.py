@@ -300,7 +300,7 @@ def test_dropout_is_active_only_in_training_mode() -> None:
         torch.testing.assert_close(decoder(features, captions)[0], decoder(features, captions)[0])
 
 
-def test_loss_ignores_padding_and_adds_the_doubly_stochastic_penalty() -> None:
+def test_loss_is_the_papers_cost_per_word_ignoring_padding() -> None:
     logits = torch.randn(2, 4, 30)
     targets = torch.tensor([[5, 6, 2, 0], [7, 2, 0, 0]])
     alphas = torch.softmax(torch.randn(2, 4, 9), dim=2)
@@ -309,8 +309,11 @@ def test_loss_ignores_padding_and_adds_the_doubly_stochastic_penalty() -> None:
     expected_ce = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
     torch.testing.assert_close(cross_entropy, expected_ce)
     coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)
-    expected_penalty = ((1 - coverage) ** 2).sum(dim=1).mean()
-    torch.testing.assert_close(total, expected_ce + 0.7 * expected_penalty)
+    # Xu et al.'s cost summed over the batch, -sum log p + lambda sum_i (1 - sum_t alpha_ti)^2 for each
+    # caption, divided by the words predicted (5): lambda keeps its ratio to the summed cross-entropy.
+    summed_ce = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    summed_penalty = ((1 - coverage) ** 2).sum()
+    torch.testing.assert_close(total, (summed_ce + 0.7 * summed_penalty) / 5)
     changed_padding = logits.clone()
     changed_padding[1, 3] = 100.0  # a padded position: must not change the loss
     torch.testing.assert_close(caption_loss(changed_padding, targets, alphas, 0.7)[0], total)

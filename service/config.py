@@ -17,6 +17,8 @@ _Number = TypeVar("_Number", int, float)
 
 DEFAULT_BEAM_SIZE = 3
 DEFAULT_MAX_LENGTH = 20
+# Who may read /metrics when an API key is set: the key's holders, or anyone.
+METRICS_AUTH = ("key", "open")
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,13 @@ class ServiceConfig:
     own setting. ``encoder_batch_size`` splits a batch for the CNN encoder only (None: 2 on a CPU,
     the whole batch on a GPU; see ``ModelRuntime``). ``api_key`` is kept out of ``repr`` so it never
     lands in a log line.
+
+    ``metrics_auth`` (``CAPTIONER_METRICS_AUTH``) says who may read ``/metrics`` when an API key is
+    set: ``key`` (the default) asks for the same ``Authorization: Bearer <key>`` as ``/predict``, since
+    the metrics tell a stranger how busy the service is and which model it runs; ``open`` serves them
+    to anyone, for a Prometheus on a private network that sends no credentials. Without an API key
+    every endpoint is open and the setting changes nothing. ``/healthz`` and ``/readyz`` are always
+    open: probes carry no credentials.
     """
 
     model_dir: str | None = None
@@ -50,6 +59,7 @@ class ServiceConfig:
     encoder_batch_size: int | None = None
     api_key: str | None = field(default=None, repr=False)
     cors_origins: tuple[str, ...] = ()
+    metrics_auth: str = "key"
 
     def __post_init__(self) -> None:
         _check_range("max_batch_size", self.max_batch_size, 1, 1024)
@@ -66,6 +76,8 @@ class ServiceConfig:
             _check_range("torch_threads", self.torch_threads, 1, 1024)
         if self.encoder_batch_size is not None:
             _check_range("encoder_batch_size", self.encoder_batch_size, 1, 1024)
+        if self.metrics_auth not in METRICS_AUTH:
+            raise ConfigError(f"metrics_auth must be {' or '.join(METRICS_AUTH)}, not {self.metrics_auth!r}")
         if self.max_images > self.queue_size:
             raise ConfigError(
                 f"max_images ({self.max_images}) must not exceed queue_size ({self.queue_size}): "
@@ -80,6 +92,10 @@ class ServiceConfig:
     @property
     def default_max_length(self) -> int:
         return min(DEFAULT_MAX_LENGTH, self.max_caption_length)
+
+    @property
+    def metrics_need_key(self) -> bool:
+        return self.api_key is not None and self.metrics_auth == "key"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -103,6 +119,7 @@ class ServiceConfig:
                 encoder_batch_size=env.optional_integer("CAPTIONER_ENCODER_BATCH_SIZE"),
                 api_key=env.text("CAPTIONER_API_KEY"),
                 cors_origins=env.origins("CAPTIONER_CORS_ORIGINS"),
+                metrics_auth=(env.text("CAPTIONER_METRICS_AUTH") or defaults.metrics_auth).lower(),
             )
         except ConfigError as error:
             # Name the variable rather than the field: that is what the operator has to fix.
@@ -172,6 +189,7 @@ _VARIABLES = {
     "request_timeout_s": "CAPTIONER_REQUEST_TIMEOUT_S",
     "torch_threads": "CAPTIONER_TORCH_THREADS",
     "encoder_batch_size": "CAPTIONER_ENCODER_BATCH_SIZE",
+    "metrics_auth": "CAPTIONER_METRICS_AUTH",
     "host": "CAPTIONER_HOST",
     "port": "CAPTIONER_PORT",
     "workers": "CAPTIONER_WORKERS",

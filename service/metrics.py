@@ -17,6 +17,11 @@ from collections.abc import Iterable, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# Every label value must come from a fixed set: a value taken from the request would let any client
+# add series (memory in the service, storage in Prometheus) with each request it invents.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+UNMATCHED_ENDPOINT = "unmatched"
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -172,6 +177,11 @@ class ServiceMetrics:
 
     def render(self) -> str:
         return "".join(instrument.render() for instrument in self.instruments())
+
+
+def method_label(method: str) -> str:
+    """The request's method as a label: a standard one by name (methods are case-sensitive), else ``other``."""
+    return method if method in KNOWN_METHODS else "other"
 
 
 def _number(value: float) -> str:

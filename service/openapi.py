@@ -19,8 +19,24 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
+def _security(required: bool) -> dict[str, Any]:
+    """An operation's security requirement, or none where this server leaves the operation open."""
+    if not required:
+        return {}
+    return {"security": [{"bearerAuth": []}]}
+
+
+def _unauthorized(required: bool) -> dict[str, Any]:
+    return {"401": _error("The request lacks the API key (Authorization: Bearer <key>).")} if required else {}
+
+
 def openapi_document(config: ServiceConfig, version: str) -> dict[str, Any]:
-    """The document served at ``/openapi.json``."""
+    """The document served at ``/openapi.json``.
+
+    Security is stated as this server applies it: with an API key, /predict (and /metrics unless
+    ``metrics_auth`` is ``open``) require the bearer key; without one, nothing does.
+    """
+    predict_auth, metrics_auth = config.api_key is not None, config.metrics_need_key
     options_schema: dict[str, Any] = {
         "beam_size": {
             "type": "integer", "minimum": 1, "maximum": config.max_beam_size, "default": config.default_beam_size,
@@ -71,7 +87,7 @@ def openapi_document(config: ServiceConfig, version: str) -> dict[str, Any]:
                         f"Up to {config.max_images} images per request, request body at most "
                         f"{config.max_upload_bytes} bytes. Images sent together are captioned in one batch."
                     ),
-                    "security": [{}, {"bearerAuth": []}],
+                    **_security(predict_auth),
                     "parameters": query_options,
                     "requestBody": {
                         "required": True,
@@ -112,9 +128,15 @@ def openapi_document(config: ServiceConfig, version: str) -> dict[str, Any]:
                             "description": "One result per image, in request order.",
                             "content": {_JSON: {"schema": {"$ref": "#/components/schemas/PredictResponse"}}},
                         },
-                        "400": _error("No image, malformed JSON or base64, or an invalid option."),
-                        "401": _error("An API key is configured and the request lacks the right one."),
-                        "413": _error("Body too large, too many images, or an image with too many pixels."),
+                        "400": _error(
+                            "No image, malformed JSON or base64, an invalid option, or a body that was cut short "
+                            "(incomplete_body) or is malformed chunked encoding (malformed_body)."
+                        ),
+                        **_unauthorized(predict_auth),
+                        "413": _error(
+                            "Body too large, too many images, an image with too many pixels, or a form with too "
+                            "many parts or too large a text field; the message names the limit."
+                        ),
                         "415": _error("Unsupported Content-Type."),
                         "422": _error(f"The data is not a usable image (code: {image_errors})."),
                         "500": _error("Internal error; the message holds a request id for the server log."),
@@ -137,11 +159,13 @@ def openapi_document(config: ServiceConfig, version: str) -> dict[str, Any]:
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics of the worker process that answers",
+                    **_security(metrics_auth),
                     "responses": {
                         "200": {
                             "description": "Text exposition format 0.0.4.",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
+                        },
+                        **_unauthorized(metrics_auth),
                     },
                 }
             },  # fmt: skip
@@ -156,7 +180,7 @@ def openapi_document(config: ServiceConfig, version: str) -> dict[str, Any]:
             },
         },
         "components": {
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            **({"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}} if predict_auth else {}),
             "schemas": {
                 "Caption": {
                     "type": "object",

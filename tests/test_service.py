@@ -116,12 +116,14 @@ def test_config_reads_every_variable_and_hides_the_key() -> None:
             "CAPTIONER_MAX_LENGTH": "30",
             "CAPTIONER_API_KEY": "s3cret-key",
             "CAPTIONER_CORS_ORIGINS": "https://a.example, http://b.example/",
+            "CAPTIONER_METRICS_AUTH": "Open",
         }
     )
     assert (config.model_dir, config.device, config.max_batch_size, config.max_wait_ms) == ("/models/x", "cpu", 8, 2.5)
     assert (config.queue_size, config.max_upload_bytes, config.max_pixels) == (100, 2_000_000, 1_000_000)
     assert (config.max_beam_size, config.max_caption_length, config.api_key) == (5, 30, "s3cret-key")
     assert config.cors_origins == ("https://a.example", "http://b.example")
+    assert config.metrics_auth == "open" and not config.metrics_need_key
     assert "s3cret-key" not in repr(config)
     assert ServiceConfig.from_env({}) == ServiceConfig()
 
@@ -135,6 +137,7 @@ def test_config_reads_every_variable_and_hides_the_key() -> None:
         ("CAPTIONER_QUEUE_SIZE", "-3"),
         ("CAPTIONER_MAX_BEAM_SIZE", "51"),
         ("CAPTIONER_CORS_ORIGINS", "example.org"),
+        ("CAPTIONER_METRICS_AUTH", "public"),
     ],
 )
 def test_a_bad_variable_is_refused_by_name(variable: str, value: str) -> None:
@@ -432,6 +435,72 @@ def test_the_failing_image_of_several_is_named(client: FlaskClient) -> None:
     assert response.status_code == 422 and error_of(response)["message"].startswith("image 2:")
 
 
+LONG_INTEGER = "1" * 5000  # over Python's limit on digits for int(), which raises ValueError
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "code"),
+    [
+        ({"json_text": f'{{"image": "IMAGE", "beam_size": {LONG_INTEGER}}}'}, "invalid_json"),
+        ({"data": {"beam_size": LONG_INTEGER}}, "invalid_option"),
+        ({"query_string": {"max_length": LONG_INTEGER}, "data": {}}, "invalid_option"),
+    ],
+    ids=["json-body", "form-field", "query-value"],
+)
+def test_an_integer_over_pythons_digit_limit_is_400(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture, request_kwargs: dict[str, Any], code: str
+) -> None:
+    image = png()
+    if "json_text" in request_kwargs:
+        text = request_kwargs.pop("json_text").replace("IMAGE", base64.b64encode(image).decode())
+        request_kwargs |= {"data": text, "content_type": "application/json"}
+    else:
+        request_kwargs["data"] |= {"image": (io.BytesIO(image), "x.png")}
+    response = client.post("/predict", **request_kwargs)
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert error_of(response)["code"] == code
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def tiny_parts(count: int, boundary: str = "b") -> bytes:
+    """A multipart body of ``count`` one-byte text fields."""
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nv\r\n'.encode() for i in range(count)
+    )
+    return parts + f"--{boundary}--\r\n".encode()
+
+
+def test_each_413_names_the_limit_it_hit(make_app: Callable[..., Flask]) -> None:
+    client = make_app(max_upload_bytes=1_000_000).test_client()
+    form_type = "multipart/form-data; boundary=b"
+    many = tiny_parts(1500)
+    assert 80_000 < len(many) < 90_000  # far below the body limit: only the count of parts is too high
+    parts = client.post("/predict", data=many, content_type=form_type)
+    assert parts.status_code == 413, parts.get_data(as_text=True)
+    error = error_of(parts)
+    assert error["code"] == "too_many_form_parts" and "1000" in error["message"] and "bytes" not in error["message"]
+    # Exactly at the limit of parts is accepted as far as the form goes (then refused for its unknown options).
+    assert client.post("/predict", data=tiny_parts(1000), content_type=form_type).status_code == 400
+
+    memory = client.post("/predict", data={"image": (io.BytesIO(png()), "x.png"), "beam_size": "1" * 600_000})
+    assert memory.status_code == 413
+    error = error_of(memory)
+    assert error["code"] == "form_field_too_large" and "500000 bytes" in error["message"]
+
+    # A chunked form (no Content-Length to check up front) of one file over the body limit.
+    head = b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'
+    large = head + b"\0" * 1_100_000 + b"\r\n--b--\r\n"
+    chunked = client.post(
+        "/predict", input_stream=io.BytesIO(large), content_type=form_type,
+        headers={"Transfer-Encoding": "chunked"}, environ_overrides={"wsgi.input_terminated": True},
+    )  # fmt: skip
+    assert chunked.status_code == 413
+    error = error_of(chunked)
+    assert error["code"] == "payload_too_large" and "1000000 bytes" in error["message"]
+    announced = client.post("/predict", data=b"\0" * 1_000_001, content_type="image/png")
+    assert announced.status_code == 413 and "1000000 bytes" in error_of(announced)["message"]
+
+
 def test_size_limits(make_app: Callable[..., Flask]) -> None:
     client = make_app(max_upload_bytes=4096, max_pixels=1000, max_images=2).test_client()
     big = client.post("/predict", data=b"\0" * 5000, content_type="image/png")
@@ -547,6 +616,41 @@ def test_the_api_key_guards_predict_only(make_app: Callable[..., Flask]) -> None
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
 
 
+def test_metrics_need_the_key_unless_open(make_app: Callable[..., Flask]) -> None:
+    key = {"Authorization": "Bearer correct horse"}
+    guarded = make_app(api_key="correct horse").test_client()
+    refused = guarded.get("/metrics")
+    assert refused.status_code == 401 and error_of(refused)["code"] == "unauthorized"
+    assert guarded.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert guarded.get("/metrics", headers=key).status_code == 200
+    opened = make_app(api_key="correct horse", metrics_auth="open").test_client()
+    assert opened.get("/metrics").status_code == 200
+    assert opened.post("/predict", data=png(), content_type="image/png").status_code == 401  # /predict stays guarded
+    assert make_app().test_client().get("/metrics").status_code == 200  # no key: nothing to ask for
+
+
+def test_openapi_states_the_security_the_server_applies(make_app: Callable[..., Flask]) -> None:
+    def operations(**settings: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        document = make_app(**settings).test_client().get("/openapi.json").get_json()
+        found = {path: methods.get("post") or methods["get"] for path, methods in document["paths"].items()}
+        return document, found
+
+    document, open_ops = operations()
+    assert "securitySchemes" not in document["components"] and "security" not in document
+    assert not [path for path, op in open_ops.items() if "security" in op or "401" in op["responses"]]
+
+    document, guarded = operations(api_key="k")
+    assert document["components"]["securitySchemes"]["bearerAuth"] == {"type": "http", "scheme": "bearer"}
+    required = {path for path, op in guarded.items() if op.get("security") == [{"bearerAuth": []}]}
+    assert required == {"/predict", "/metrics"}
+    assert all("401" in guarded[path]["responses"] for path in required)
+    assert not [path for path, op in guarded.items() if path not in required and "security" in op]
+
+    _, metrics_open = operations(api_key="k", metrics_auth="open")
+    assert {path for path, op in metrics_open.items() if "security" in op} == {"/predict"}
+    assert "401" not in metrics_open["/metrics"]["responses"]
+
+
 def test_cors_is_off_unless_configured(client: FlaskClient, make_app: Callable[..., Flask]) -> None:
     origin = {"Origin": "https://app.example"}
     assert "Access-Control-Allow-Origin" not in client.get("/healthz", headers=origin).headers
@@ -585,6 +689,31 @@ def test_metrics_count_requests(make_app: Callable[..., Flask]) -> None:
     assert 'captioner_http_requests_total{endpoint="unmatched",method="GET",status="404"} 1\n' in text
     assert "captioner_batch_size_count 1\n" in text
     assert 'captioner_model_info{name="tiny-test",version="0",device="cpu"} 1\n' in text
+
+
+def series(metrics_text: str) -> set[tuple[str, str]]:
+    """Each series of the exposition once: a histogram's buckets, sum and count are one series."""
+    found = set()
+    for line in metrics_text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, labels = line.rpartition(" ")[0].partition("{")
+            found.add((re.sub(r"_(bucket|sum|count)$", "", name), re.sub(r',?le="[^"]*"', "", labels)))
+    return found
+
+
+def test_made_up_methods_add_at_most_two_series(make_app: Callable[..., Flask]) -> None:
+    client = make_app().test_client()
+    before = series(client.get("/metrics").get_data(as_text=True))
+    for i in range(100):
+        assert client.open("/healthz", method=f"BREW{i}").status_code == 405
+    added = series(client.get("/metrics").get_data(as_text=True)) - before
+    added = {entry for entry in added if "/metrics" not in entry[1]}  # the scrape itself
+    assert len(added) <= 2, added  # /healthz's counter (method "other") and its latency
+    assert client.open("/no/such/path", method="BREW").status_code == 404
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'captioner_http_requests_total{endpoint="/healthz",method="other",status="405"} 100\n' in text
+    assert 'captioner_http_requests_total{endpoint="unmatched",method="other",status="404"} 1\n' in text
+    assert "BREW" not in text and "/no/such" not in text
 
 
 def test_metric_rendering() -> None:

@@ -209,8 +209,14 @@ def good_request(server: Server) -> None:
     assert caption_of(server.request("POST", f"/predict?{FAST}", png(), "image/png"))
 
 
+LONG_INTEGER = "1" * 5000  # over Python's limit on digits for int(), which raises ValueError
+LONG_INTEGER_JSON = f'{{"image": "{base64.b64encode(png()).decode()}", "beam_size": {LONG_INTEGER}}}'.encode()
+LONG_INTEGER_FORM = multipart([("beam_size", LONG_INTEGER)], [("x.png", png())])
+
 BAD_REQUESTS = [
     pytest.param("POST", "/predict", b"", None, 400, "missing_image", id="no-image"),
+    pytest.param("POST", "/predict", LONG_INTEGER_JSON, "application/json", 400, "invalid_json", id="long-int-json"),
+    pytest.param("POST", "/predict", *LONG_INTEGER_FORM, 400, "invalid_option", id="long-int-form"),
     pytest.param("POST", "/predict", b"not an image at all", "image/png", 422, "not_an_image", id="not-an-image"),
     pytest.param("POST", "/predict", png()[:300], "image/png", 422, "truncated", id="truncated"),
     pytest.param("POST", "/predict", b"\x89PNG\r\n\x1a\n" + b"\xff" * 30, "image/png", 422, "undecodable", id="bad"),
@@ -261,6 +267,75 @@ def test_a_chunked_body_over_the_limit_is_cut_off(server: Server) -> None:
     response = connection.getresponse()
     assert response.status == 413 and json.loads(response.read())["error"]["code"] == "payload_too_large"
     connection.close()
+    good_request(server)
+
+
+FORM_TYPE = multipart([], [])[1]
+BODY_TYPES = [
+    pytest.param("image/png", id="raw"),
+    pytest.param("application/json", id="json"),
+    pytest.param(FORM_TYPE, id="multipart"),
+]
+
+
+def request_head(content_type: str, request_id: str, length: int | None = None) -> bytes:
+    """A POST /predict head announcing a chunked body, or ``length`` bytes; the server closes after answering."""
+    framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    return (
+        f"POST /predict HTTP/1.1\r\nHost: test\r\nConnection: close\r\nX-Request-ID: {request_id}\r\n"
+        f"Content-Type: {content_type}\r\n{framing}\r\n\r\n"
+    ).encode()
+
+
+def exchange(server: Server, data: bytes, end_body: bool = False) -> tuple[int, Any]:
+    """Send raw bytes (then, with ``end_body``, end the sending side as a client that stops mid-body) and
+    read the whole answer: its status and JSON body."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:
+        raw.sendall(data)
+        if end_body:
+            raw.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def full_log(server: Server) -> str:
+    return server.log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("content_type", BODY_TYPES)
+@pytest.mark.parametrize(
+    "chunks", [b"zz\r\nabc\r\n0\r\n\r\n", b"4\r\nabcd\r\nQQ\r\n0\r\n\r\n"], ids=["first-size", "later-size"]
+)
+def test_a_malformed_chunked_body_is_400(server: Server, content_type: str, chunks: bytes) -> None:
+    # gunicorn raises InvalidChunkSize (its own ParseException) from the body stream.
+    status, body = exchange(server, request_head(content_type, "malformed") + chunks)
+    assert status == 400 and body["error"]["code"] == "malformed_body", body
+    assert "Traceback" not in full_log(server)
+    good_request(server)
+
+
+@pytest.mark.parametrize("content_type", BODY_TYPES)
+@pytest.mark.parametrize("length", [None, 1000], ids=["chunked", "content-length"])
+def test_a_client_closing_mid_body_is_one_log_line(server: Server, content_type: str, length: int | None) -> None:
+    # Chunked, gunicorn raises NoMoreData (an OSError; ClientDisconnected through werkzeug's stream); with
+    # a Content-Length its stream just ends early.
+    partial = b"100\r\nabcd" if length is None else b"abcd"
+    tag = f"cut-{content_type.partition(';')[0].replace('/', '-')}-{length}"
+    status, body = exchange(server, request_head(content_type, f"{tag}-half", length) + partial, end_body=True)
+    assert status == 400 and body["error"]["code"] == "incomplete_body", body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:  # gone without reading the answer
+        raw.sendall(request_head(content_type, f"{tag}-gone", length) + partial)
+    deadline = time.monotonic() + 30
+    while f"{tag}-gone" not in full_log(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = full_log(server)
+    for request_id in (f"{tag}-half", f"{tag}-gone"):
+        lines = [line for line in log.splitlines() if request_id in line]
+        assert len(lines) == 1 and "[INFO]" in lines[0] and "ended before it was complete" in lines[0], lines
+    assert "Traceback" not in log
     good_request(server)
 
 

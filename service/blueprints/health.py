@@ -2,13 +2,15 @@
 
 ``/healthz`` says the process answers HTTP (a failing one should be restarted); ``/readyz`` says the
 model is loaded and warmed up (until then load balancers should send no traffic). Both stay open when
-an API key is configured, because probes carry no credentials.
+an API key is configured, because probes carry no credentials; ``/metrics`` then needs the key too,
+unless ``CAPTIONER_METRICS_AUTH=open`` (see ``ServiceConfig``).
 """
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
 
+from service.auth import require_api_key
 from service.metrics import CONTENT_TYPE
 from service.runtime import runtime_of
 
@@ -36,6 +38,8 @@ def readyz() -> Response:
 @blueprint.get("/metrics")
 def metrics() -> Response:
     runtime = runtime_of(current_app)
+    if runtime.config.metrics_need_key:
+        require_api_key(runtime.config)
     # Sampled when scraped rather than tracked on every change.
     runtime.metrics.queue_depth.set(runtime.batcher.depth if runtime.batcher is not None else 0)
     runtime.metrics.ready.set(1 if runtime.ready else 0)

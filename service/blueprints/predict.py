@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from captioner import CaptionResult, OptionError
 from captioner.decoding import SearchOptions
+from service.auth import require_api_key
+from service.body import read_body, read_form
 from service.config import ServiceConfig, parse_bool
 from service.errors import ServiceError
 from service.runtime import runtime_of
@@ -55,17 +57,8 @@ class PredictOptions:
 @blueprint.before_request
 def _authenticate() -> None:
     """With an API key configured, /predict needs ``Authorization: Bearer <key>`` (CORS preflights excepted)."""
-    key = _config().api_key
-    if key is None or request.method == "OPTIONS":
-        return
-    scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
-    # compare_digest takes the same time whatever the first differing byte, so the key cannot be guessed byte by byte.
-    valid = scheme.lower() == "bearer" and hmac.compare_digest(supplied.strip().encode(), key.encode())
-    if not valid:
-        raise ServiceError(
-            401, "unauthorized", "a valid API key is required: send 'Authorization: Bearer <key>'",
-            {"WWW-Authenticate": 'Bearer realm="captioner"'},
-        )  # fmt: skip
+    if request.method != "OPTIONS":
+        require_api_key(_config())
 
 
 @blueprint.post("/predict")
@@ -115,7 +108,7 @@ def _read_request(config: ServiceConfig) -> tuple[list[bytes], dict[str, list[An
     elif mimetype == "application/json" or mimetype.endswith("+json"):
         images = _read_json(config, values)
     elif mimetype in RAW_IMAGE_TYPES:
-        images = [_read_body(config.max_upload_bytes)]
+        images = [read_body(config.max_upload_bytes)]
     elif not mimetype and not request.content_length and "chunked" not in request.headers.get("Transfer-Encoding", ""):
         raise ServiceError(400, "missing_image", _MISSING_IMAGE)
     else:
@@ -137,42 +130,29 @@ _MISSING_IMAGE = (
 )
 
 
-def _read_body(limit: int) -> bytes:
-    """The whole body, or 413 when it is longer than ``limit``.
-
-    A body with a Content-Length was checked against the limit before the request reached the view.
-    A chunked body is read here one byte past the limit, because werkzeug's limited stream returns a
-    chunked body silently cut at the limit when read in one go, which would turn an oversized upload
-    into a "truncated image" instead of the 413 it deserves.
-    """
-    if request.content_length is not None:
-        return request.get_data(cache=False)
-    if not request.environ.get("wsgi.input_terminated"):
-        return b""  # a server that cannot delimit a chunked body: reading it could block forever
-    stream, chunks, size = request.environ["wsgi.input"], [], 0
-    while chunk := stream.read(min(65536, limit + 1 - size)):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError(413, "payload_too_large", f"the request body is larger than the limit of {limit} bytes")
-    return b"".join(chunks)
-
-
 def _read_multipart(config: ServiceConfig, values: dict[str, list[Any]]) -> list[bytes]:
-    if "image" in request.form:
-        raise ServiceError(400, "invalid_image_field", "the 'image' field must be a file upload, not a text value")
-    for name in request.form:
-        values.setdefault(name, []).extend(request.form.getlist(name))
-    uploads = request.files.getlist("image")
-    _check_count(len(uploads), config)
-    return [upload.read() for upload in uploads]
+    form, files = read_form()
+    try:
+        if "image" in form:
+            raise ServiceError(400, "invalid_image_field", "the 'image' field must be a file upload, not a text value")
+        for name in form:
+            values.setdefault(name, []).extend(form.getlist(name))
+        uploads = files.getlist("image")
+        _check_count(len(uploads), config)
+        return [upload.read() for upload in uploads]
+    finally:  # werkzeug closes only the files of request.files; these were parsed here
+        for _, upload in files.items(multi=True):
+            upload.close()
 
 
 def _read_json(config: ServiceConfig, values: dict[str, list[Any]]) -> list[bytes]:
     try:
-        document = json.loads(_read_body(config.max_upload_bytes))
+        document = json.loads(read_body(config.max_upload_bytes))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
+    except ValueError:  # the only other refusal of json.loads: an integer over Python's digit limit
+        limit = sys.get_int_max_str_digits()
+        raise ServiceError(400, "invalid_json", f"the JSON body holds an integer of more than {limit} digits") from None
     except RecursionError:  # absurdly deep nesting, which no valid request has
         raise ServiceError(400, "invalid_json", "the JSON body is nested too deeply") from None
     if not isinstance(document, dict):

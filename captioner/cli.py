@@ -391,6 +391,7 @@ def describe_model(info: ModelInfo) -> dict[str, Any]:
         "vocabulary_size": len(info.vocabulary),
         "encoder": info.config.to_dict()["encoder"],
         "decoder": info.config.to_dict()["decoder"],
+        "decoding": info.decoding,
         "preprocessing": info.preprocessing.to_json(),
         "training_data": info.provenance.get("data"),
         "provenance": info.provenance,
@@ -432,6 +433,8 @@ def format_model(description: dict[str, Any]) -> str:
         f"({description['regions']} regions of {d['feature_dim']} features)",
         f"vocabulary:     {description['vocabulary_size']} tokens",
         f"decoder:        {decoder}",
+        "decoding:       "
+        + (", ".join(f"{key} {value}" for key, value in description["decoding"].items()) or "the search's defaults"),
         f"training data:  {_text(description['training_data']) if description['training_data'] else 'not recorded'}",
         "provenance:",
         *(f"  {key}: {_text(value)}" for key, value in _flatten(description["provenance"])),

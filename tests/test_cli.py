@@ -363,6 +363,7 @@ def test_console_script_and_info(tmp_path: Path, tiny_model_dir: Path) -> None:
     shutil.copytree(tiny_model_dir, scored)
     metadata = json.loads((scored / "model.json").read_text())
     metadata["metrics"] = {"flickr8k_test": {"BLEU-4": 0.2134, "CIDEr": 0.5561}}
+    metadata["decoding"] = {"no_repeat_ngram_size": 3}
     (scored / "model.json").write_text(json.dumps(metadata))
     script = Path(sys.executable).parent / "captioner"
     assert script.is_file(), f"the console script {script} is missing: pip install -e ."
@@ -381,6 +382,7 @@ def test_console_script_and_info(tmp_path: Path, tiny_model_dir: Path) -> None:
     for fact in (info.name, info.config.encoder.backbone, f"{grid}x{grid}", f"{len(info.vocabulary)} tokens"):
         assert fact in text.stdout
     assert "BLEU-4: 0.2134" in text.stdout and info.provenance["data"] in text.stdout
+    assert "decoding:       no_repeat_ngram_size 3" in text.stdout
 
     assert as_json.returncode == 0, as_json.stderr
     described = json.loads(as_json.stdout)
@@ -388,6 +390,7 @@ def test_console_script_and_info(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert described["grid_size"] == grid and described["vocabulary_size"] == len(info.vocabulary)
     assert described["decoder"]["hidden_dim"] == info.config.decoder.hidden_dim
     assert described["metrics"] == metadata["metrics"] and described["training_data"] == info.provenance["data"]
+    assert described["decoding"] == {"no_repeat_ngram_size": 3}
 
 
 def test_a_missing_model_exits_3(

@@ -9,6 +9,9 @@ Lengths: ``max_length`` bounds the number of words. A hypothesis that reaches it
 divided by ``length ** length_penalty`` (length counts the words plus ``<end>``): 0 ranks by raw
 log-probability, which favours short captions; 1 ranks by mean log-probability per token.
 
+No mode ever says ``<unk>``: it stands for the rare words training merged into one, and no reader
+can use it, so the search takes the likeliest real word there instead.
+
 Repetition: every mode reads the next word from the same distribution, after two optional changes
 that depend only on a row's own words so far. ``no_repeat_ngram_size = n`` forbids any word that
 would make an n-gram the caption already holds ("a hat and a hat" with n = 2), and
@@ -27,7 +30,9 @@ import torch
 
 from captioner.decoder import Decoder, Memory, State
 from captioner.errors import OptionError
-from captioner.vocab import END_ID, PAD_ID, START_ID
+from captioner.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+
+NEVER_SAID = [PAD_ID, START_ID, UNK_ID]
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,9 @@ def _next_log_probs(
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # half precision is too coarse for summing log-probabilities
     _discourage_repeats(logits, generated, options)
-    logits[:, [PAD_ID, START_ID]] = float("-inf")  # <pad> and <start> are never words of a caption
+    # <pad> and <start> are never words of a caption; <unk> stands for the rare words training merged
+    # into it, and no reader can use it, so the search says the likeliest real word instead.
+    logits[:, NEVER_SAID] = float("-inf")
     log_probs = logits.log_softmax(dim=1)  # (N, V)
     if force_end:
         keep = torch.full_like(log_probs, float("-inf"))

@@ -10,7 +10,7 @@ from captioner.config import DecoderConfig
 from captioner.decoder import Decoder
 from captioner.decoding import SearchOptions, beam_search, search
 from captioner.errors import OptionError
-from captioner.vocab import END_ID, PAD_ID, START_ID
+from captioner.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 
 def make_decoder(seed: int = 0, dtype: torch.dtype = torch.float32, end_bias: float = 0.0) -> Decoder:
@@ -97,7 +97,7 @@ def test_beam_size_one_equals_greedy_and_beam_search_finds_no_worse() -> None:
             step = decoder.step(token, state, memory)
             state = step.state
             logits = decoder.step_logits(step)
-            logits[:, [PAD_ID, START_ID]] = float("-inf")
+            logits[:, [PAD_ID, START_ID, UNK_ID]] = float("-inf")
             token = logits.argmax(dim=1)
             manual.append(int(token))
             if int(token) == END_ID:
@@ -129,7 +129,7 @@ def manual_greedy(decoder: Decoder, image: torch.Tensor, max_length: int, penalt
             for i in range(len(said) - ban_ngram + 1):
                 if said[i : i + ban_ngram - 1] == prefix:
                     logits[said[i + ban_ngram - 1]] = float("-inf")
-        logits[[PAD_ID, START_ID]] = float("-inf")
+        logits[[PAD_ID, START_ID, UNK_ID]] = float("-inf")
         said.append(int(logits.argmax()))
         token = torch.tensor([said[-1]])
         if said[-1] == END_ID:
@@ -144,7 +144,7 @@ def test_no_repeat_ngram_size_leaves_no_ngram_twice_in_every_mode(n: int) -> Non
     modes = [
         SearchOptions(beam_size=1, max_length=50),
         SearchOptions(beam_size=3, n_best=3, max_length=50),
-        SearchOptions(sample=True, n_best=3, max_length=50, temperature=0.7),
+        SearchOptions(sample=True, n_best=3, max_length=50, temperature=0.3),
     ]
     for options in modes:
         with torch.no_grad():
@@ -171,6 +171,25 @@ def test_repetition_controls_match_a_word_by_word_reference(penalty: float, ban_
     assert [h[0].tokens for h in greedy] == expected
     assert [h[0].tokens for h in beam1] == expected, "a beam of one is greedy search, with the controls too"
     assert [h[0].tokens for h in unchanged] != expected, "the controls should change some caption here"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [SearchOptions(beam_size=1), SearchOptions(beam_size=3, n_best=3), SearchOptions(sample=True, n_best=3)],
+    ids=["greedy", "beam", "sampling"],
+)
+def test_the_unknown_word_is_never_said(options: SearchOptions) -> None:
+    decoder = make_decoder(end_bias=1.0)
+    with torch.no_grad():
+        decoder.output.bias[UNK_ID] += 8.0  # the likeliest word everywhere, were it allowed
+        results = search(decoder, features(4), options, torch.Generator().manual_seed(0))
+        logits = decoder.step_logits(
+            decoder.step(torch.full((4,), START_ID), *reversed(decoder.init_state(features(4))))
+        )
+    assert bool((logits.argmax(dim=1) == UNK_ID).all()), "the test needs <unk> to be the model's first choice"
+    for hyps in results:
+        for h in hyps:
+            assert UNK_ID not in h.tokens and len(h.tokens) >= 1
 
 
 def test_n_best_is_sorted_distinct_and_scored_by_length_penalty() -> None:

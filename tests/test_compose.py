@@ -3,7 +3,9 @@
 The compose services must run the same command the server tests run (``python -m service`` with
 options its parser accepts), probe the endpoint that means "ready", and mount the weights read-only;
 the healthcheck command itself is executed against a stand-in server to show that it passes on 200
-and fails on 503.
+and fails on 503. Each API is reachable only through its nginx proxy, whose config
+(deploy/nginx/nginx.conf, run under a real nginx by tests/test_proxy.py) must refuse bodies at the
+same size as the API behind it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from service.config import ServerSettings, ServiceConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/[\w/]*)")
+NGINX_CONF = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
+PROXIES = [("proxy", "api", 8000), ("proxy-gpu", "api-gpu", 8001)]  # proxy, the API behind it, the host port
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +58,8 @@ def test_api_services_run_the_service_module_and_probe_readyz(compose: dict[str,
     url = URL.search(healthcheck_code(service["healthcheck"]["test"]))
     assert url is not None and url.group(2) == "/readyz"
     assert int(url.group(1)) == args.port
-    published = [str(mapping).rsplit(":", 1)[1] for mapping in service["ports"]]
-    assert published == [str(args.port)]
+    assert "ports" not in service, "an API container publishes no port: it is reached through its proxy"
+    assert service["expose"] == [str(args.port)]
     weights = [volume for volume in service["volumes"] if volume.startswith("./weights:")]
     assert len(weights) == 1 and weights[0].endswith(":ro")
     mount_point = weights[0].split(":")[1]
@@ -63,6 +67,48 @@ def test_api_services_run_the_service_module_and_probe_readyz(compose: dict[str,
     ServerSettings.from_env(env)  # raises if a compose setting is invalid
     config = ServiceConfig.from_env(env)
     assert config.model_dir is not None and config.model_dir.startswith(mount_point + "/")
+
+
+def nginx_directive(name: str) -> str:
+    values = re.findall(rf"^\s*{name}\s+([^;]+);", NGINX_CONF.read_text(), flags=re.MULTILINE)
+    assert len(values) == 1, (name, values)
+    return values[0].strip()
+
+
+def nginx_size(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
+    assert match is not None, value
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]
+
+
+@pytest.mark.parametrize(("name", "api_name", "host_port"), PROXIES)
+def test_each_api_is_published_only_through_its_nginx_proxy(
+    compose: dict[str, Any], name: str, api_name: str, host_port: int
+) -> None:
+    proxy, api = compose["services"][name], compose["services"][api_name]
+    assert re.fullmatch(r"nginx:\d+\.\d+(\.\d+)?", proxy["image"]), "the official image, pinned to a version"
+    assert proxy.get("profiles") == api.get("profiles")
+    assert proxy["depends_on"][api_name]["condition"] == "service_healthy"
+    # The repository's config, read-only, beside the file that names this proxy's API.
+    mounts = {volume.split(":")[1]: volume.split(":") for volume in proxy["volumes"]}
+    assert mounts["/etc/nginx/nginx.conf"] == ["./deploy/nginx/nginx.conf", "/etc/nginx/nginx.conf", "ro"]
+    source, _, mode = mounts["/etc/nginx/captioner-api.conf"]
+    assert mode == "ro" and "include captioner-api.conf;" in NGINX_CONF.read_text()
+    api_port = build_parser().parse_args(api["command"][3:]).port
+    assert re.search(rf"^set \$captioner_api {api_name}:{api_port};$", (REPO_ROOT / source).read_text(), re.MULTILINE)
+    # The proxy publishes the port the API used to, onto the port nginx listens on; so does its healthcheck.
+    listen = int(nginx_directive("listen"))
+    assert proxy["ports"] == [f"{host_port}:{listen}"]
+    url = re.search(r"http://127\.0\.0\.1:(\d+)/healthz", " ".join(proxy["healthcheck"]["test"]))
+    assert url is not None and int(url.group(1)) == listen
+    # nginx refuses bodies at exactly the size the API does (CAPTIONER_MAX_UPLOAD_BYTES, as configured here).
+    env = {key: str(value) for key, value in api["environment"].items()}
+    assert nginx_size(nginx_directive("client_max_body_size")) == ServiceConfig.from_env(env).max_upload_bytes
+
+
+def test_only_the_proxies_publish_ports(compose: dict[str, Any]) -> None:
+    published = {name for name, service in compose["services"].items() if service.get("ports")}
+    assert published == {name for name, _, _ in PROXIES}
 
 
 def test_the_default_service_uses_the_cpu_and_the_gpu_one_reserves_a_gpu(compose: dict[str, Any]) -> None:

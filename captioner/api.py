@@ -126,13 +126,14 @@ class Captioner:
 
     def preprocess(self, image: ImageSource | torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """Any accepted image input -> the model's normalised (3, S, S) tensor; a tensor passes through
-        unchanged (it is taken to be preprocessed already, e.g. by a data-loading worker)."""
+        unchanged (it is taken to be preprocessed already, e.g. by a data-loading worker). The image is
+        decoded at the size the model needs, not at full size (``load_image``'s ``min_size``)."""
+        size = self.info.preprocessing.image_size
         if isinstance(image, torch.Tensor):
-            size = self.info.preprocessing.image_size
             if image.shape != (3, size, size):
                 raise OptionError(f"a preprocessed image must have shape (3, {size}, {size}), not {tuple(image.shape)}")
             return image
-        return self.info.preprocessing(load_image(image, max_pixels=max_pixels))
+        return self.info.preprocessing(load_image(image, max_pixels=max_pixels, min_size=size))
 
     @overload
     def caption(self, images: Sequence[ImageSource | torch.Tensor], **options: Any) -> list[CaptionResult]: ...

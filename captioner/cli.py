@@ -75,7 +75,7 @@ output:
                        [{{"caption", "score"}}] when --n-best > 1), or {{"path", "error": {{"code", "message"}}}}
   --output FILE.csv    columns path,caption,score,error (error is "code: message")
   no --output          "path<TAB>caption" lines on stdout, errors on stderr
-  Error codes: empty, not_an_image, truncated, undecodable, too_many_pixels, unreadable.
+  Error codes: empty, not_an_image, truncated, undecodable, too_many_pixels, too_costly, unreadable.
   score is log-probability / length**P (P = --length-penalty; 1: mean per word); higher is better.
 
 resuming:
@@ -330,7 +330,7 @@ def _decoder(captioner: Captioner, keep_image: bool) -> Callable[[str], Pixels]:
     def decode(path: str) -> Pixels:
         if not keep_image:
             return captioner.preprocess(path), None
-        image = load_image(path)
+        image = load_image(path, min_size=max(captioner.info.preprocessing.image_size, PANEL_SIZE))
         return captioner.preprocess(image), image.resize((PANEL_SIZE, PANEL_SIZE), Image.Resampling.BILINEAR)
 
     return decode

@@ -24,7 +24,8 @@ class ImageError(CaptionerError):
     """An input that cannot be turned into an image.
 
     ``code`` says why: ``empty``, ``not_an_image``, ``truncated``, ``undecodable``,
-    ``too_many_pixels`` or ``unreadable`` (the file could not be opened).
+    ``too_many_pixels``, ``too_costly`` (decoding it would take more memory than allowed) or
+    ``unreadable`` (the file could not be opened).
     """
 
     code = "invalid_image"

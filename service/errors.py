@@ -16,11 +16,13 @@ from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
 
-# ImageError.code -> HTTP status. An empty upload is as good as a missing one; a picture too large to
-# decode is refused like a body too large to read; everything else is content that is not a usable image.
+# ImageError.code -> HTTP status. An empty upload is as good as a missing one; a picture too large (or
+# too costly) to decode is refused like a body too large to read; everything else is content that is not
+# a usable image.
 IMAGE_ERROR_STATUS = {
     "empty": 400,
     "too_many_pixels": 413,
+    "too_costly": 413,
     "not_an_image": 422,
     "truncated": 422,
     "undecodable": 422,

@@ -1,6 +1,7 @@
 """Tests for captioner.images.load_image: every colour mode, every source type, every way input goes bad.
 
-All images are generated here, so the expected pixels follow from how each image was drawn.
+All images are generated here (the large ones by bench/image_decode.py, which times the same files), so
+the expected pixels follow from how each image was drawn.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+import torch
+from PIL import GifImagePlugin, Image, ImageFile, TiffImagePlugin, features
 
+from captioner.config import EncoderConfig
+from captioner.encoder import Encoder, build_lite_classifier, preprocessing_for
 from captioner.errors import ImageError
 from captioner.images import DEFAULT_MAX_PIXELS, load_image
+from tests.test_bench import load_bench
 
 try:
     from hypothesis import given, settings
@@ -459,6 +464,23 @@ def test_pil_decompression_bomb_warning_range_is_refused(as_errors: bool, monkey
         with pytest.raises(ImageError) as caught:
             load_image(data, max_pixels=10**9)
     assert caught.value.code == "too_many_pixels"
+    assert "50,000,000" in caught.value.message  # the limit in force, in the project's words
+    _assert_not_pils_words(caught.value.message)
+
+
+def _assert_not_pils_words(message: str) -> None:
+    """PIL's own texts (its bomb warning, its limit, its plugin names) must not reach the user."""
+    for pils in ("decompression bomb", "DOS attack", "178956970", "178,956,970", "Plugin"):
+        assert pils.lower() not in message.lower(), message
+
+
+def test_pils_bomb_error_is_reported_with_the_projects_limit() -> None:
+    # 60000x60000 is beyond twice MAX_IMAGE_PIXELS, so PIL raises while opening, before our own check.
+    with pytest.raises(ImageError) as caught:
+        load_image(_png_claiming(60000, 60000))
+    assert caught.value.code == "too_many_pixels"
+    assert f"{DEFAULT_MAX_PIXELS:,}" in caught.value.message
+    _assert_not_pils_words(caught.value.message)
 
 
 @pytest.mark.parametrize("as_pil_image", [False, True], ids=["bytes", "PIL image"])
@@ -476,6 +498,13 @@ def test_max_pixels_is_respected(as_pil_image: bool) -> None:
 def test_invalid_max_pixels(max_pixels: object) -> None:
     with pytest.raises(ValueError, match="max_pixels"):
         load_image(_encode(_noise(), "PNG"), max_pixels=max_pixels)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["min_size", "max_decode_bytes"])
+@pytest.mark.parametrize("value", [0, -5, 2.5, True, "100"])
+def test_invalid_min_size_and_max_decode_bytes(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=name):
+        load_image(_encode(_noise(), "PNG"), **{name: value})  # type: ignore[arg-type]
 
 
 def test_global_pil_state_is_left_alone() -> None:
@@ -522,14 +551,16 @@ def _mutate(data: bytes, edits: list[Edit]) -> bytes:
 
 
 def _load_or_image_error(data: bytes) -> None:
-    """The only acceptable outcomes for arbitrary bytes: an RGB image or an ImageError."""
-    try:
-        image = load_image(data)
-    except ImageError as error:
-        assert error.message.strip()
-    else:
-        assert image.mode == "RGB"
-        assert image.width * image.height <= DEFAULT_MAX_PIXELS
+    """The only acceptable outcomes for arbitrary bytes: an RGB image or an ImageError, whether the
+    image is decoded at full size or scaled for a model (min_size 8 has the JPEG decoder halve the seeds)."""
+    for min_size in (None, 8):
+        try:
+            image = load_image(data, min_size=min_size)
+        except ImageError as error:
+            assert error.message.strip()
+        else:
+            assert image.mode == "RGB"
+            assert image.width * image.height <= DEFAULT_MAX_PIXELS
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
@@ -567,3 +598,206 @@ else:
 
     def test_hypothesis_mutations_never_escape() -> None:
         pytest.skip("hypothesis is not installed; test_seeded_mutations_never_escape covers the same ground")
+
+
+# --- decoding for the model -----------------------------------------------------------------------
+# Large inputs come from bench/image_decode.py, which times and measures the same files.
+
+IMAGE_BENCH = load_bench("image_decode")
+MODEL_INPUT = preprocessing_for(EncoderConfig())  # the shipped models' input: 224x224, mean and std about 0.5
+
+
+@pytest.fixture(scope="module")
+def phone_jpeg() -> bytes:
+    return IMAGE_BENCH.phone_photo()  # 4032x3024, quality 90
+
+
+@pytest.mark.parametrize(
+    ("min_size", "size"),
+    [(224, (504, 378)), (500, (1008, 756)), (1000, (2016, 1512)), (1600, (4032, 3024)), (None, (4032, 3024))],
+)
+def test_jpeg_is_scaled_by_its_decoder_to_the_smallest_size_at_least_min_size(
+    phone_jpeg: bytes, min_size: int | None, size: tuple[int, int]
+) -> None:
+    # The DCT scales by 1/8, 1/4 or 1/2: 504x378 is the smallest size whose sides are at least 224;
+    # for 1600 only the full size will do (1512 is short). Nothing is reduced after decoding, since
+    # every result is below twice min_size.
+    assert load_image(phone_jpeg, min_size=min_size).size == size
+
+
+def test_reducing_by_tiles_gives_the_pixels_of_reducing_the_whole_image() -> None:
+    original = _noise(3001, 2003, seed=3)  # 3x2 tiles; neither side a multiple of the tile or the factor
+    image = load_image(_encode(original, "PNG", compress_level=1), min_size=224)
+    # Each side stays at least twice min_size: 3001 // 448 = 6, 2003 // 448 = 4.
+    assert image.size == (501, 501)
+    assert image.tobytes() == original.reduce((6, 4)).tobytes()
+
+
+def test_deep_grayscale_range_is_found_over_every_tile() -> None:
+    # The lowest value is in the first tile and the highest in the last; a NaN, -inf and +inf in
+    # other tiles must neither widen the range nor break it.
+    values = np.tile(np.linspace(0.0, 1.0, 2100, dtype=np.float32), (1100, 1))
+    values[5, 1500], values[1050, 50], values[600, 1100] = np.nan, -np.inf, np.inf
+    grey = np.asarray(load_image(Image.fromarray(values)))[:, :, 0]
+    expected = np.rint(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0) * 255)
+    assert np.abs(grey - expected).max() <= 1
+    assert (grey[5, 1500], grey[1050, 50], grey[600, 1100]) == (0, 0, 255)
+
+
+def _photo_variants(jpeg: bytes) -> dict[str, bytes]:
+    """The phone photo as each path through load_image sees it: scaled by the JPEG decoder (upright or
+    stored sideways), and reduced after decoding (RGB, transparent, 16-bit grayscale)."""
+    photo = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    transparent = photo.copy()
+    transparent.putalpha(Image.linear_gradient("L").resize(photo.size))
+    deep = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    return {
+        "JPEG": jpeg,
+        "JPEG stored sideways": _encode(photo, "JPEG", quality=90, exif=exif.tobytes()),
+        "PNG": _encode(photo, "PNG", compress_level=1),
+        "RGBA PNG": _encode(transparent, "PNG", compress_level=1),
+        "16-bit grayscale PNG": _encode(deep, "PNG", compress_level=1),
+    }
+
+
+@pytest.mark.slow
+def test_the_model_sees_the_same_picture_decoded_for_it(phone_jpeg: bytes) -> None:
+    # Measured on this photo: a mean difference of 0.2 (reduced) to 0.36 (JPEG) grey levels, and a 99th
+    # percentile of 1 to 3; pure noise, the worst case for any filter, gives a mean of 0.9. The next
+    # test shows what such a difference does to the encoder's features.
+    for name, data in _photo_variants(phone_jpeg).items():
+        new = MODEL_INPUT(load_image(data, min_size=MODEL_INPUT.image_size)).numpy()
+        old = MODEL_INPUT(load_image(data)).numpy()
+        grey_levels = np.abs(new - old) * np.asarray(MODEL_INPUT.std, dtype=np.float32)[:, None, None] * 255
+        assert grey_levels.mean() < 0.5, name
+        assert np.percentile(grey_levels, 99) < 4, name
+
+
+@pytest.mark.slow
+def test_encoder_features_and_the_classifiers_answer_survive_decoding_for_the_model() -> None:
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photo")
+    cat = np.asarray(Image.fromarray(skimage_data.chelsea()).resize((4032, 3024), Image.Resampling.BICUBIC))
+    grain = np.random.default_rng(0).normal(0.0, 4.0, cat.shape)
+    data = _encode(Image.fromarray(np.clip(cat + grain, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+    pixels = torch.stack(
+        [MODEL_INPUT(load_image(data, min_size=MODEL_INPUT.image_size)), MODEL_INPUT(load_image(data))]
+    )
+    encoder = Encoder(EncoderConfig(weights="packaged")).eval()
+    classifier = build_lite_classifier("efficientnet_lite0", "packaged").eval()
+    with torch.no_grad():
+        new, old = encoder(pixels)
+        labels = classifier(pixels).argmax(dim=1).tolist()
+    # Measured: 0.044. Resizing the full image with bicubic instead of bilinear filtering moves the
+    # features by 0.10, so this is well within what the choice of a resize filter already changes.
+    assert float((new - old).norm() / old.norm()) < 0.06
+    assert labels[0] == labels[1] and labels[0] in range(281, 286)  # the same cat
+
+
+# --- the cost of an image -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_pil_image", [False, True], ids=["bytes", "lazily opened PIL image"])
+def test_max_decode_bytes_is_respected_and_named(as_pil_image: bool) -> None:
+    data = _encode(Image.new("RGBA", (100, 100)), "PNG")  # PIL holds it in 40,000 bytes
+
+    def source() -> object:
+        return Image.open(io.BytesIO(data)) if as_pil_image else data
+
+    with pytest.raises(ImageError) as caught:
+        load_image(source(), max_decode_bytes=39_999)
+    assert caught.value.code == "too_costly"
+    assert "39,999 bytes" in caught.value.message and "40,000 bytes" in caught.value.message
+    assert load_image(source(), max_decode_bytes=40_000).size == (100, 100)
+
+
+def test_a_decoded_pil_image_costs_no_decoding() -> None:
+    image = Image.open(io.BytesIO(_encode(Image.new("RGBA", (100, 100)), "PNG")))
+    image.load()
+    assert load_image(image, max_decode_bytes=1).size == (100, 100)
+
+
+def test_the_cost_of_a_jpeg_is_counted_at_the_size_it_is_decoded_at(phone_jpeg: bytes) -> None:
+    # Full size, 4032x3024 takes 48.8 MB in PIL; scaled by 1/8 for the model, 0.8 MB.
+    with pytest.raises(ImageError) as caught:
+        load_image(phone_jpeg, max_decode_bytes=2**20)
+    assert caught.value.code == "too_costly"
+    assert load_image(phone_jpeg, max_decode_bytes=2**20, min_size=224).size == (504, 378)
+
+
+def test_a_progressive_jpeg_costs_its_full_size_coefficients() -> None:
+    photo = _noise(1000, 1000)
+    baseline, progressive = _encode(photo, "JPEG"), _encode(photo, "JPEG", progressive=True)
+    # Both decode at 125x125 (62,500 bytes), but the progressive one keeps 1000x1000x3 coefficients.
+    assert load_image(baseline, min_size=100, max_decode_bytes=1_000_000).size == (125, 125)
+    with pytest.raises(ImageError) as caught:
+        load_image(progressive, min_size=100, max_decode_bytes=1_000_000)
+    assert caught.value.code == "too_costly"
+    assert load_image(progressive, min_size=100, max_decode_bytes=7_000_000).size == (125, 125)
+
+
+@pytest.mark.parametrize(
+    ("plugin", "make"),
+    [
+        (GifImagePlugin.GifImageFile, lambda: IMAGE_BENCH.many_frame_gif(5000, 64, 48)),
+        (TiffImagePlugin.TiffImageFile, lambda: IMAGE_BENCH.many_page_tiff(3000, 64, 48)),
+    ],
+    ids=["5,000-frame GIF", "3,000-page TIFF"],
+)
+def test_only_the_first_frame_is_ever_read(
+    plugin: type, make: Callable[[], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = make()
+    assert Image.open(io.BytesIO(data)).n_frames in (5000, 3000)  # the files are what they claim
+    # Every way to another frame (seek, n_frames, is_animated, ImageSequence) goes through _seek.
+    frames: list[int] = []
+    original = plugin._seek
+
+    def recording(self: ImageFile.ImageFile, frame: int, *args: object) -> None:
+        frames.append(frame)
+        original(self, frame, *args)
+
+    monkeypatch.setattr(plugin, "_seek", recording)
+    assert load_image(data, min_size=224).size == (64, 48)
+    assert set(frames) == {0}
+
+
+# --- hostile inputs -----------------------------------------------------------------------------------
+# Small files that decode to the pixel limit (40 MP) or beyond what their format's decoder may spend.
+# Each is decoded for the model in a Python process of its own, which reports the peak memory the
+# decode added (bench/image_decode.py's measurement). Time is the benchmark's business, not a test's.
+
+HOSTILE_OUTCOMES: dict[str, tuple[Callable[[], bytes], str | None]] = {  # (file, error code or None: decoded)
+    "16-bit grey PNG, 40 MP": (IMAGE_BENCH.grey16_png, None),
+    "RGBA PNG, 40 MP": (IMAGE_BENCH.rgba_png, None),
+    "RGBA PNG, one row over the pixel limit": (lambda: IMAGE_BENCH.rgba_png(8000, 5001), "too_many_pixels"),
+    "float TIFF, 40 MP": (IMAGE_BENCH.float_tiff, None),
+    "deflate TIFF, 40 MP": (IMAGE_BENCH.deflate_tiff, None),
+    "WebP, 40 MP": (IMAGE_BENCH.webp, "too_costly"),
+    "WebP at the memory limit (4096x4096)": (lambda: IMAGE_BENCH.webp(4096, 4096), None),
+    "AVIF, 40 MP": (IMAGE_BENCH.avif, "too_costly"),
+    "AVIF at the memory limit (5464x4094)": (lambda: IMAGE_BENCH.avif(5464, 4094), None),
+    "5,000-frame GIF, 40 MP": (IMAGE_BENCH.many_frame_gif, None),
+    "3,000-page TIFF, 40 MP a page": (IMAGE_BENCH.many_page_tiff, None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak memory is read from Linux's /proc")
+@pytest.mark.parametrize("case", list(HOSTILE_OUTCOMES))
+def test_hostile_input_is_decoded_or_refused_within_300_mb(case: str, tmp_path: Path) -> None:
+    if "AVIF" in case and not features.check("avif"):
+        pytest.skip("this Pillow was built without AVIF support, so it cannot write the test file")
+    make, code = HOSTILE_OUTCOMES[case]
+    data = make()
+    assert len(data) < 400_000  # small on disk...
+    path = tmp_path / "hostile"
+    path.write_bytes(data)
+    figures = IMAGE_BENCH.measure_in_child(path, MODEL_INPUT.image_size)
+    assert figures["peak_added_mb"] < 300, figures  # ...and bounded once decoded
+    if code is None:
+        assert min(figures["size"]) >= MODEL_INPUT.image_size, figures
+    else:
+        assert figures["code"] == code, figures
+        _assert_not_pils_words(figures["message"])

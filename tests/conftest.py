@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,19 @@ def shared_dir() -> Path | None:
     """The ``shared`` folder beside the checkout (or $CAPTIONER_SHARED), if present."""
     candidate = Path(os.environ.get("CAPTIONER_SHARED") or REPO_ROOT.parent / "shared")
     return candidate if candidate.is_dir() else None
+
+
+@contextlib.contextmanager
+def http_stand_in(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """Serve ``handler`` on a free loopback port in a thread; yields the port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def tiny_config(vocab_size: int, **decoder: object) -> ModelConfig:

@@ -15,7 +15,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import yaml
 
 from service.__main__ import build_parser, environment
 from service.config import ServerSettings, ServiceConfig
+from tests.conftest import http_stand_in
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/[\w/]*)")
@@ -163,12 +163,8 @@ class _Probe(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def probe_server() -> Iterator[tuple[int, type[_Probe]]]:
     handler = type("Probe", (_Probe,), {})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1], handler
-    server.shutdown()
-    server.server_close()
+    with http_stand_in(handler) as port:
+        yield port, handler
 
 
 def test_the_healthcheck_passes_when_ready_and_fails_otherwise(

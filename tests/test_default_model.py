@@ -40,9 +40,7 @@ def test_photos() -> list[ImageRecord]:
     flickr = shared / "data" / "flickr8k" if shared else None
     if flickr is None or not (flickr / "Flickr8k.token.txt").is_file():
         pytest.skip("needs the Flickr8k data set in ../shared/data/flickr8k (not part of a clone)")
-    return load_records(flickr / "Flickr8k.token.txt", flickr / "images", split="test", format="flickr8k")[
-        :TEST_PHOTOS
-    ]
+    return load_records(flickr / "Flickr8k.token.txt", flickr / "images", split="test", format="flickr8k")[:TEST_PHOTOS]
 
 
 def scores(captioner: Captioner, records: list[ImageRecord], images: list) -> dict[str, float]:

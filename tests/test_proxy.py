@@ -22,19 +22,17 @@ import select
 import shutil
 import socket
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from service.config import ServiceConfig
-from tests.test_service_server import free_port, parse_prometheus, png
+from tests.conftest import http_stand_in
+from tests.test_service_server import Response, Server, free_port, parse_prometheus, png
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "deploy" / "nginx"
@@ -139,35 +137,15 @@ def test_nginx_accepts_the_shipped_config(api_conf: Path, tmp_path: Path) -> Non
     assert "test is successful" in result.stderr
 
 
-class Service:
+class Service(Server):
     """``python -m service`` on 127.0.0.1 with two request threads and the default upload limit."""
 
     def __init__(self, model_dir: Path, log_path: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if k not in ("CAPTIONER_API_KEY", "CAPTIONER_MAX_UPLOAD_BYTES")}
-        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
-        command += ["--model", str(model_dir), "--workers", "1", "--threads", "2"]
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the service exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if request(self.port, "GET", "/readyz").status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the service was not ready within 180 s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        super().__init__(model_dir, log_path, threads=2, CAPTIONER_MAX_UPLOAD_BYTES=str(MAX_BODY))
 
     def predict_requests(self) -> dict[str, float]:
         """POST /predict requests the service has answered, by status."""
-        samples = parse_prometheus(request(self.port, "GET", "/metrics").body.decode())
+        samples = parse_prometheus(self.request("GET", "/metrics").body.decode())
         counts = {}
         for (name, pairs), value in samples.items():
             labels = dict(pairs)
@@ -175,40 +153,21 @@ class Service:
                 counts[labels["status"]] = value
         return counts
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-class Answer:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
 
 def request(
     port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> Answer:
+) -> Response:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         connection.request(method, path, body=body, headers=headers or {})
         answer = connection.getresponse()
         data = answer.read()
-        return Answer(answer.status, {k.lower(): v for k, v in answer.getheaders()}, data)
+        return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, data)
     finally:
         connection.close()
 
 
-def good_request(port: int) -> Answer:
+def good_request(port: int) -> Response:
     answer = request(port, "POST", f"/predict?{FAST}", png(), {"Content-Type": "image/png"})
     assert answer.status == 200, answer.body
     return answer
@@ -460,12 +419,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def recorder() -> Iterator[tuple[int, type[_Recorder]]]:
     handler = type("Recorder", (_Recorder,), {"seen": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1], handler
-    server.shutdown()
-    server.server_close()
+    with http_stand_in(handler) as port:
+        yield port, handler
 
 
 @needs_nginx

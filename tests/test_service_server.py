@@ -126,13 +126,13 @@ def rss_bytes(pid: int) -> int:
 class Server:
     """``python -m service`` in a subprocess, its output in a log file."""
 
-    def __init__(self, model_dir: Path, log_path: Path, **environment: str) -> None:
+    def __init__(self, model_dir: Path, log_path: Path, threads: int = 16, **environment: str) -> None:
         self.port = free_port()
         self.log_path = log_path
         env = os.environ | {"CAPTIONER_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)} | environment
         env.pop("CAPTIONER_API_KEY", None)
         command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
-        command += ["--model", str(model_dir), "--workers", "1", "--threads", "16"]
+        command += ["--model", str(model_dir), "--workers", "1", "--threads", str(threads)]
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready(timeout=180)

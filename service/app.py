@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from flask import Flask, Response, g, request
 
+from service import admission
 from service.blueprints import docs, health, predict
 from service.config import ServiceConfig
 from service.errors import ServiceError, register_error_handlers
@@ -42,6 +43,7 @@ def create_app(
     app.register_blueprint(health.blueprint)
     app.register_blueprint(docs.blueprint)
     _install_request_hooks(app, config, metrics)
+    admission.install(app)
     return app
 
 

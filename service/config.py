@@ -133,6 +133,10 @@ class ServerSettings:
     Each worker loads its own copy of the model; its ``threads`` serve requests concurrently, which is
     what lets the dynamic batcher gather several requests into one model call, so there should be at
     least as many threads as the batch size.
+
+    ``header_timeout_s`` and ``body_timeout_s`` bound how long a client may take to send a request:
+    its headers from its first byte, its body from the end of its headers, as totals however the bytes
+    trickle in (see ``service.worker``). A request over either is answered 408 and its connection closed.
     """
 
     host: str = "127.0.0.1"
@@ -140,6 +144,8 @@ class ServerSettings:
     workers: int = 1
     threads: int = 16
     graceful_timeout_s: int = 30
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     access_log: bool = True
     log_level: str = "info"
 
@@ -150,6 +156,8 @@ class ServerSettings:
         _check_range("workers", self.workers, 1, 256)
         _check_range("threads", self.threads, 1, 1024)
         _check_range("graceful_timeout_s", self.graceful_timeout_s, 1, 3600)
+        _check_range("header_timeout_s", self.header_timeout_s, 0.1, 3600.0)
+        _check_range("body_timeout_s", self.body_timeout_s, 0.1, 3600.0)
         if self.log_level not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError(f"log_level must be debug, info, warning, error or critical, not {self.log_level!r}")
 
@@ -169,6 +177,8 @@ class ServerSettings:
                 workers=env.integer("CAPTIONER_WORKERS", defaults.workers),
                 threads=env.integer("CAPTIONER_THREADS", defaults.threads),
                 graceful_timeout_s=env.integer("CAPTIONER_GRACEFUL_TIMEOUT_S", defaults.graceful_timeout_s),
+                header_timeout_s=env.number("CAPTIONER_HEADER_TIMEOUT_S", defaults.header_timeout_s),
+                body_timeout_s=env.number("CAPTIONER_BODY_TIMEOUT_S", defaults.body_timeout_s),
                 access_log=env.boolean("CAPTIONER_ACCESS_LOG", defaults.access_log),
                 log_level=(env.text("CAPTIONER_LOG_LEVEL") or defaults.log_level).lower(),
             )
@@ -195,6 +205,8 @@ _VARIABLES = {
     "workers": "CAPTIONER_WORKERS",
     "threads": "CAPTIONER_THREADS",
     "graceful_timeout_s": "CAPTIONER_GRACEFUL_TIMEOUT_S",
+    "header_timeout_s": "CAPTIONER_HEADER_TIMEOUT_S",
+    "body_timeout_s": "CAPTIONER_BODY_TIMEOUT_S",
     "log_level": "CAPTIONER_LOG_LEVEL",
 }
 

@@ -1,7 +1,9 @@
 """gunicorn settings (``gunicorn -c python:service.gunicorn_config service.wsgi:app``), read from the environment.
 
-Worker class gthread: each worker's threads accept requests concurrently, decode their images, and
-hand them to the worker's batcher thread, which is what lets concurrent requests share model calls.
+Worker class ``service.worker.RequestBufferingWorker``, gunicorn's gthread whose event loop reads each
+request whole before a thread runs it, so that slow clients hold no thread: each worker's threads run
+requests concurrently, decode their images, and hand them to the worker's batcher thread, which is
+what lets concurrent requests share model calls.
 On SIGTERM the master closes the listening socket and each worker stops accepting, finishes the
 requests it holds (up to ``graceful_timeout``) and exits.
 """
@@ -17,7 +19,7 @@ _settings = ServerSettings.from_env()
 bind = [_settings.bind]
 workers = _settings.workers
 threads = _settings.threads
-worker_class = "gthread"
+worker_class = "service.worker.RequestBufferingWorker"
 # Load the application (and so the model) in each worker after the fork, never in the master.
 preload_app = False
 graceful_timeout = _settings.graceful_timeout_s

@@ -150,6 +150,12 @@ def test_server_settings_from_env() -> None:
     assert (settings.bind, settings.threads, settings.workers) == ("[::1]:9000", 4, 1)
     with pytest.raises(ConfigError, match="CAPTIONER_PORT"):
         ServerSettings.from_env({"CAPTIONER_PORT": "70000"})
+    assert (settings.header_timeout_s, settings.body_timeout_s) == (10.0, 30.0)
+    deadlines = ServerSettings.from_env({"CAPTIONER_HEADER_TIMEOUT_S": "2.5", "CAPTIONER_BODY_TIMEOUT_S": "90"})
+    assert (deadlines.header_timeout_s, deadlines.body_timeout_s) == (2.5, 90.0)
+    for variable, value in [("CAPTIONER_HEADER_TIMEOUT_S", "0"), ("CAPTIONER_BODY_TIMEOUT_S", "soon")]:
+        with pytest.raises(ConfigError, match=variable):
+            ServerSettings.from_env({variable: value})
 
 
 def test_the_command_line_becomes_environment_variables() -> None:

@@ -32,6 +32,7 @@ import pytest
 from PIL import Image
 
 from captioner import Captioner
+from tests.test_bench import load_bench
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -126,11 +127,15 @@ def rss_bytes(pid: int) -> int:
 class Server:
     """``python -m service`` in a subprocess, its output in a log file."""
 
-    def __init__(self, model_dir: Path, log_path: Path, threads: int = 16, **environment: str) -> None:
+    def __init__(
+        self, model_dir: Path, log_path: Path, threads: int = 16, api_key: str | None = None, **environment: str
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
         env = os.environ | {"CAPTIONER_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)} | environment
-        env.pop("CAPTIONER_API_KEY", None)
+        env.pop("CAPTIONER_API_KEY", None)  # never one from the environment the tests run in
+        if api_key is not None:
+            env["CAPTIONER_API_KEY"] = api_key
         command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--model", str(model_dir), "--workers", "1", "--threads", str(threads)]
         with log_path.open("wb") as log:
@@ -388,11 +393,26 @@ def soak(server: Server, total: int, clients: int) -> list[tuple[str, int, Any]]
 
 
 @pytest.mark.slow
-def test_soak_1000_requests_from_16_clients(server: Server) -> None:
+def test_soak_1000_requests_from_16_clients_beside_32_slow_ones(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # A server of its own: the slow clients' cut requests, answered after they leave, would count in
+    # another test's metrics.
+    server = Server(tiny_model_dir, tmp_path / "server.log")
+    try:
+        soak_beside_slow_clients(server)
+    finally:
+        server.stop()
+
+
+def soak_beside_slow_clients(server: Server) -> None:
     worker = server.worker_pid()
     soak(server, total=100, clients=16)  # warm up: allocator arenas and caches reach their working size
     before = rss_bytes(worker)
-    outcomes = soak(server, total=1000, clients=16)
+    # Beside it, 32 connections trickle a request's headers or body (bench/slow_clients.py).
+    with load_bench("slow_clients").SlowClients(server.port, header_clients=16, body_clients=16) as slow:
+        outcomes = soak(server, total=1000, clients=16)
+        closures = list(slow.closures)
+    # Each slow connection was held until its deadline (10 s), then reconnected: they attacked throughout.
+    assert all(closure.seconds >= 9.5 for closure in closures), closures
     after = rss_bytes(worker)
     assert len(outcomes) == 1000
     assert not [o for o in outcomes if o[1] >= 500]

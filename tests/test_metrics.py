@@ -30,6 +30,7 @@ from training.metrics import (
     bleu,
     cider_d_per_image,
     compute_metrics,
+    dangling_fraction,
     rouge_l_per_image,
 )
 
@@ -327,3 +328,9 @@ def test_score_main_reports_a_missing_file(tmp_path: Path, capsys) -> None:
     annotations = write_json(tmp_path / "captions.json", ANNOTATIONS)
     assert score.main(["--results", str(missing), "--annotations", str(annotations)]) == 2
     assert "nowhere.json" in capsys.readouterr().err
+
+
+def test_dangling_endings_are_captions_cut_off_mid_phrase() -> None:
+    captions = [["a", "man", "in", "a"], ["a", "dog", "runs"], ["two", "with"], [], ["a", "man", "and", "his"]]
+    assert dangling_fraction(captions) == pytest.approx(3 / 5)
+    assert dangling_fraction([]) == 0.0

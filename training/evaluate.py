@@ -43,7 +43,7 @@ from captioner.errors import CaptionerError, OptionError
 from captioner.vocab import tokenize
 from training.datasets import FORMATS, DatasetError, ImageRecord, load_records
 from training.features import image_loader
-from training.metrics import MetricError, compute_metrics, find_meteor_jar
+from training.metrics import MetricError, compute_metrics, dangling_fraction, find_meteor_jar
 from training.scenes import SceneObject, score_scenes
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ def score_captions(
 ) -> dict[str, Any]:
     """Score one tokenized candidate per record against the record's references.
 
-    Returns the COCO metrics under their COCO keys, ``images`` (how many were scored) and, when the
+    Returns the COCO metrics under their COCO keys, ``dangling_endings`` (the share of captions that
+    stop on a word no sentence ends with, see ``dangling_fraction``), ``images`` (how many were scored) and, when the
     records carry synthetic-scene entries, ``object_accuracy``, ``relation_accuracy`` and
     ``attention_grounding`` (``None`` where there was nothing to score, e.g. no relation stated or no
     ``attention`` given) with their raw counts under ``scene_counts``.
@@ -173,6 +174,7 @@ def score_captions(
     scores: dict[str, Any] = dict(
         compute_metrics({r.image_id: list(candidates[r.image_id]) for r in records}, references, meteor=meteor)
     )
+    scores["dangling_endings"] = dangling_fraction([candidates[r.image_id] for r in records])
     entries = scene_entries(records)
     if entries:
         scene = score_scenes(

@@ -197,51 +197,50 @@ def rouge_l(candidates: Candidates, references: References, beta: float = ROUGE_
     return sum(scores.values()) / len(scores)
 
 
-def _tfidf_vectors(
-    counts: Counter[tuple[str, ...]], log_documents: float, document_frequency: Counter[tuple[str, ...]]
-) -> tuple[list[dict[tuple[str, ...], float]], list[float]]:
-    """TF-IDF weights per n-gram order and each order's vector norm.
-
-    Term frequencies are raw counts, as in COCO: the cosine similarity makes the scale irrelevant,
-    but the clipping in :func:`cider_d_per_image` compares raw weighted counts. An n-gram absent
-    from every reference gets a document frequency of 1, i.e. the largest weight.
-    """
-    vectors: list[dict[tuple[str, ...], float]] = [{} for _ in range(MAX_ORDER)]
-    for ngram, count in counts.items():
-        idf = log_documents - math.log(max(1.0, document_frequency[ngram]))
-        vectors[len(ngram) - 1][ngram] = count * idf
-    norms = [math.sqrt(sum(w * w for w in vector.values())) for vector in vectors]
-    return vectors, norms
+_Vectors = tuple[list[dict[tuple[str, ...], float]], list[float], int]  # per-order TF-IDF, norms, words
 
 
-def cider_d_per_image(
-    candidates: Candidates, references: References, sigma: float = CIDER_SIGMA
-) -> dict[ImageId, float]:
-    """CIDEr-D (Vedantam et al., 2015) of each image, as COCO computes its "CIDEr".
+class CiderD:
+    """CIDEr-D (Vedantam et al., 2015) as COCO computes its "CIDEr", with the document frequencies of a
+    fixed corpus: the references of the evaluated images for the metric, the training references for
+    a reward (self-critical training), where scores must not depend on which images share a batch.
 
     For each n-gram order 1..4, the cosine similarity of TF-IDF vectors, where the candidate's
     weights are clipped to the reference's and the similarity is damped by a Gaussian of the length
-    difference (``sigma`` words); averaged over orders and references and multiplied by 10. Document
-    frequencies come from the references of the evaluated images, so a score depends on the whole set.
+    difference (``sigma`` words); averaged over orders and references and multiplied by 10.
     """
-    image_ids = _validate(candidates, references)
-    document_frequency: Counter[tuple[str, ...]] = Counter()
-    for image_id in image_ids:
-        # An n-gram counts once per image, however many of its references contain it.
-        document_frequency.update({ngram for ref in references[image_id] for ngram in _ngram_counts(ref)})
-    log_documents = math.log(len(image_ids))
 
-    scores = {}
-    for image_id in image_ids:
-        words = candidates[image_id]
-        refs = references[image_id]
-        cand_vectors, cand_norms = _tfidf_vectors(_ngram_counts(words), log_documents, document_frequency)
+    def __init__(self, corpus: Sequence[Sequence[Sequence[str]]], sigma: float = CIDER_SIGMA) -> None:
+        """``corpus``: the reference captions of each image (lists of words); an n-gram's document
+        frequency is the number of images with a reference that contains it."""
+        self.sigma = sigma
+        self.document_frequency: Counter[tuple[str, ...]] = Counter()
+        for refs in corpus:
+            self.document_frequency.update({ngram for ref in refs for ngram in _ngram_counts(ref)})
+        self.log_documents = math.log(len(corpus))
+
+    def vectors(self, words: Sequence[str]) -> _Vectors:
+        """TF-IDF weights per n-gram order, each order's norm and the length in words.
+
+        Term frequencies are raw counts, as in COCO: the cosine similarity makes the scale irrelevant,
+        but the clipping compares raw weighted counts. An n-gram absent from every reference of the
+        corpus gets a document frequency of 1, i.e. the largest weight.
+        """
+        vectors: list[dict[tuple[str, ...], float]] = [{} for _ in range(MAX_ORDER)]
+        for ngram, count in _ngram_counts(words).items():
+            idf = self.log_documents - math.log(max(1.0, self.document_frequency[ngram]))
+            vectors[len(ngram) - 1][ngram] = count * idf
+        norms = [math.sqrt(sum(w * w for w in vector.values())) for vector in vectors]
+        return vectors, norms, len(words)
+
+    def score(self, words: Sequence[str], references: Sequence[_Vectors]) -> float:
+        """The CIDEr-D of ``words`` against references prepared by ``vectors`` (prepare them once)."""
+        cand_vectors, cand_norms, length = self.vectors(words)
         total = 0.0
-        for ref in refs:
-            ref_vectors, ref_norms = _tfidf_vectors(_ngram_counts(ref), log_documents, document_frequency)
+        for ref_vectors, ref_norms, ref_length in references:
             # COCO measures the length difference in bigrams; it equals the difference in words
             # whenever the similarity is non-zero, since both captions then have words.
-            penalty = math.exp(-((len(words) - len(ref)) ** 2) / (2 * sigma**2))
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma**2))
             for n in range(MAX_ORDER):
                 ref_vector = ref_vectors[n]
                 dot = sum(
@@ -251,14 +250,41 @@ def cider_d_per_image(
                 if cand_norms[n] != 0 and ref_norms[n] != 0:
                     dot /= cand_norms[n] * ref_norms[n]
                 total += dot * penalty
-        scores[image_id] = 10.0 * total / MAX_ORDER / len(refs)
-    return scores
+        return 10.0 * total / MAX_ORDER / len(references)
+
+
+def cider_d_per_image(
+    candidates: Candidates, references: References, sigma: float = CIDER_SIGMA
+) -> dict[ImageId, float]:
+    """CIDEr-D of each image (see :class:`CiderD`). Document frequencies come from the references of
+    the evaluated images, so a score depends on the whole set."""
+    image_ids = _validate(candidates, references)
+    scorer = CiderD([references[image_id] for image_id in image_ids], sigma)
+    return {
+        image_id: scorer.score(candidates[image_id], [scorer.vectors(ref) for ref in references[image_id]])
+        for image_id in image_ids
+    }
 
 
 def cider_d(candidates: Candidates, references: References, sigma: float = CIDER_SIGMA) -> float:
     """CIDEr-D averaged over images (see :func:`cider_d_per_image`)."""
     scores = cider_d_per_image(candidates, references, sigma)
     return sum(scores.values()) / len(scores)
+
+
+# Articles, prepositions, conjunctions and possessives: a caption whose last word is one of these was
+# cut off mid-phrase ("a man in a"), which n-gram metrics barely notice.
+DANGLING_WORDS = frozenset({
+    "a", "an", "the", "and", "or", "but", "of", "in", "on", "at", "to", "with", "from", "by", "for",
+    "into", "onto", "over", "under", "near", "behind", "while", "his", "her", "its", "their",
+})  # fmt: skip
+
+
+def dangling_fraction(captions: Sequence[Sequence[str]]) -> float:
+    """The share of ``captions`` (lists of words) that end on a word of ``DANGLING_WORDS``."""
+    if not captions:
+        return 0.0
+    return sum(bool(words) and words[-1] in DANGLING_WORDS for words in captions) / len(captions)
 
 
 def find_meteor_jar() -> Path:

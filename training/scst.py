@@ -150,9 +150,7 @@ def train_one_epoch(
     bar = tqdm(total=len(batches), initial=progress.step_in_epoch, desc=f"scst epoch {progress.epoch + 1}",
                unit="step", disable=not show_progress)  # fmt: skip
     for images, inputs in zip(remaining, data.train.iterate(remaining), strict=True):
-        features = inputs.to(device).float()  # (B, R, C)
-        if not data.train.from_features:
-            features = model.encoder(features)
+        features = inputs.to(device).float()  # (B, R, C): self-critical runs train on cached features only
         generator = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + progress.global_step)
         loss, reward = scst_step(module, model, optimizer, features, images, rewards, data.vocabulary, tc, generator)
         progress.loss_sum += loss

@@ -66,6 +66,7 @@ from captioner.encoder import Preprocessing, feature_dim_for, preprocessing_for
 from captioner.errors import CaptionerError
 from captioner.model import CaptionModel
 from captioner.vocab import PAD_ID, Vocabulary
+from training import scst
 from training.datasets import FORMATS, DatasetError, ImageRecord, cut_captions, load_records, split_counts
 from training.features import FeatureCache, ImageDataset, cached_features, collate_images, scan_images
 from training.metrics import compute_metrics
@@ -79,6 +80,7 @@ CSV_COLUMNS = (
     "global_step",
     "train_loss",
     "train_cross_entropy",
+    "train_reward",
     "decoder_lr",
     "encoder_lr",
     "Bleu_1",
@@ -91,6 +93,8 @@ CSV_COLUMNS = (
     "seconds",
 )
 AMP_MODES = ("auto", "off", "fp16", "bf16")
+OBJECTIVES = ("xe", "scst")
+BASELINES = scst.BASELINES
 
 
 class ConfigError(CaptionerError, ValueError):
@@ -144,6 +148,12 @@ class TrainConfig:
     log_every: int = 10  # steps between TensorBoard loss points
     dist_timeout_minutes: int = 240  # long enough for rank 0 to build a COCO feature cache
     progress: bool = True
+    # "xe": cross-entropy on the reference captions; "scst": self-critical training on CIDEr-D
+    # (training/scst.py), which fine-tunes the model of ``init_from``.
+    objective: str = "xe"
+    scst_samples: int = 5  # captions sampled per image
+    scst_baseline: str = "greedy"  # "greedy": the greedy caption's reward; "mean": the other samples' mean
+    scst_max_length: int = 16  # most words of a sampled caption
 
     def __post_init__(self) -> None:
         positive = (
@@ -156,6 +166,7 @@ class TrainConfig:
             "feature_batch_size",
             "log_every",
             "dist_timeout_minutes",
+            "scst_max_length",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -182,6 +193,12 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
+        if self.scst_baseline not in BASELINES:
+            raise ValueError(f"scst_baseline must be one of {', '.join(BASELINES)}")
+        if not 2 <= self.scst_samples <= 50:
+            raise ValueError("scst_samples must lie in [2, 50]")
 
 
 @dataclass(frozen=True)
@@ -390,6 +407,7 @@ class Data:
     train: Source
     pair_image: np.ndarray  # (P,) the image (position in the train source) of each caption
     pair_captions: torch.Tensor  # (P, T) <start> w.. <end> <pad>..
+    train_references: list[list[list[str]]]  # the captions of each training image (its position in ``train``)
     val: Source
     val_ids: list[str]
     val_references: dict[str, list[list[str]]]
@@ -472,6 +490,7 @@ def prepare_data(
         source(train),
         pair_image,
         pair_captions,
+        [r.captions for r in train],
         source(val),
         [r.image_id for r in val],
         references,
@@ -903,9 +922,10 @@ class MetricsLog:
         with self.csv_path.open(newline="", encoding="utf-8") as stream:
             return list(csv.DictReader(stream))
 
-    def step(self, step: int, loss: float, cross_entropy: float) -> None:
+    def step(self, step: int, loss: float, second: float, second_name: str = "cross_entropy") -> None:
+        """The step's loss and ``second``: its cross-entropy, or for self-critical training its mean reward."""
         self.writer.add_scalar("train/loss", loss, step)
-        self.writer.add_scalar("train/cross_entropy", cross_entropy, step)
+        self.writer.add_scalar(f"train/{second_name}", second, step)
 
     def epoch(self, row: dict[str, Any]) -> None:
         with self.csv_path.open("a", newline="", encoding="utf-8") as stream:
@@ -943,6 +963,10 @@ def run(config: RunConfig, args: argparse.Namespace, d: Distributed, device: tor
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
+    if tc.objective == "scst" and not tc.init_from:
+        raise ConfigError("train.objective = 'scst' fine-tunes a trained model: set train.init_from to its directory")
+    if tc.objective == "scst" and config.encoder.fine_tune_stages:
+        raise ConfigError("train.objective = 'scst' trains on cached features: set encoder.fine_tune_stages = 0")
     splits = read_splits(tc)
     vocabulary = build_vocabulary(tc, splits[0])
     model = build_model(config, vocabulary, device)
@@ -1000,17 +1024,21 @@ def run_epoch(
 ) -> None:
     """One epoch: train (resuming mid-epoch if so saved), validate, step the schedule, checkpoint."""
     tc, started = trainer.config.train, time.monotonic()
+    self_critical = tc.objective == "scst"
     if progress.order is None:
-        progress.order = epoch_order(tc.seed, progress.epoch, data.pair_image)
+        # Self-critical batches hold images (each sampled several times), cross-entropy ones captions.
+        units = np.arange(len(data.train_references)) if self_critical else data.pair_image
+        progress.order = epoch_order(tc.seed, progress.epoch, units)
     batches = shard_batches(progress.order, d, tc.batch_size)
+    epoch_function = scst.train_one_epoch if self_critical else train_one_epoch
 
     def on_step(loss: float, cross_entropy: float) -> None:
         if log is not None and progress.global_step % tc.log_every == 0:
-            log.step(progress.global_step, loss, cross_entropy)
+            log.step(progress.global_step, loss, cross_entropy, "reward" if self_critical else "cross_entropy")
         if tc.checkpoint_every and progress.global_step % tc.checkpoint_every == 0:
             save_state(out / "last.pt", trainer, progress, d)
 
-    loss, cross_entropy = train_one_epoch(
+    loss, cross_entropy = epoch_function(
         module,
         trainer.model,
         trainer.optimizer,
@@ -1046,7 +1074,8 @@ def run_epoch(
             "epoch": progress.epoch + 1,
             "global_step": progress.global_step,
             "train_loss": loss,
-            "train_cross_entropy": cross_entropy,
+            # For self-critical training, the samples' mean reward.
+            "train_reward" if self_critical else "train_cross_entropy": cross_entropy,
             "best_CIDEr": progress.best_score,
             "seconds": round(time.monotonic() - started, 3),
             **learning_rates(trainer.optimizer),

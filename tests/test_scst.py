@@ -3,15 +3,27 @@ recomputed with gradients that equal the ones the search sampled with."""
 
 from __future__ import annotations
 
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from captioner.checkpoint import load_model
+from captioner.checkpoint import load_model, read_info
 from captioner.decoding import SearchOptions, search
 from tests.conftest import make_model_dir
 from training.metrics import cider_d_per_image
 from training.scst import Rewards, advantages, caption_batch, sequence_log_probs
 from training.train import TeacherForced
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "training" / "configs"
 
 REFERENCES = [
     [["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "is", "running"]],
@@ -61,3 +73,107 @@ def test_recomputed_log_probabilities_equal_the_samples_own(tmp_path) -> None:
     assert log_prob.requires_grad
     expected = torch.tensor([h.log_prob for h in hypotheses])
     assert torch.allclose(log_prob.detach(), expected, atol=1e-4), (log_prob, expected)
+
+
+# End to end on a tiny synthetic set: a cross-entropy start, then self-critical runs from it.
+TINY = [
+    "--config", str(CONFIGS / "synthetic.toml"),
+    "--set", "encoder.fine_grid=false", "--set", "decoder.key_channels=0", "--set", "encoder.grid_size=4",
+    "--set", "decoder.embed_dim=64", "--set", "decoder.attention_dim=32", "--set", "decoder.hidden_dim=128",
+    "--set", "decoder.dropout=0.0", "--set", "train.min_word_count=1", "--set", "train.lr_patience=100",
+    "--set", "train.lr_decay_epochs=0", "--set", "train.patience=0", "--set", "train.val_beam_size=2",
+    "--workers", "0", "--no-progress",
+]  # fmt: skip
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """60 synthetic scenes and a cross-entropy model trained on them for a few epochs (not to the end)."""
+    from training.synthetic import generate
+
+    root = tmp_path_factory.mktemp("scst")
+    dataset = generate(root / "data", count=60, seed=0, image_size=64)
+    paths = {"dataset": dataset, "images": root / "data", "cache": root / "cache", "root": root}
+    run = subprocess.run(
+        [sys.executable, "-m", "training.train", *data_args(paths, root / "xe"), "--epochs", "5",
+         "--set", "train.decoder_lr=8e-3", "--set", "train.batch_size=16"],
+        cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    return paths
+
+
+def data_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [*TINY, "--data", str(paths["dataset"]), "--images", str(paths["images"]),
+            "--cache-dir", str(paths["cache"]), "--out", str(out), *extra]  # fmt: skip
+
+
+def scst_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    starting_model = paths["root"] / "xe" / "last"
+    return data_args(paths, out, "--set", "train.objective='scst'", "--set", f"train.init_from='{starting_model}'",
+                     "--set", "train.decoder_lr=1e-3", "--set", "train.batch_size=8", *extra)  # fmt: skip
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("baseline", ["greedy", "mean"])
+def test_self_critical_training_raises_dev_cider_d(start: dict[str, Path], baseline: str) -> None:
+    out = start["root"] / f"scst-{baseline}"
+    run = subprocess.run(
+        [sys.executable, "-m", "training.train", *scst_args(start, out, "--epochs", "2",
+         "--set", f"train.scst_baseline='{baseline}'")],
+        cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    # The starting model's dev score is the cross-entropy run's last epoch's: init_from is its last/.
+    started_at = float(read_csv(start["root"] / "xe" / "metrics.csv")[-1]["CIDEr"])
+    rows = read_csv(out / "metrics.csv")
+    assert max(float(row["CIDEr"]) for row in rows) > started_at + 0.1, (started_at, rows)
+    assert all(row["train_reward"] and not row["train_cross_entropy"] for row in rows)
+    assert read_info(out / "best").vocabulary == read_info(start["root"] / "xe" / "last").vocabulary
+
+
+@pytest.mark.slow
+def test_a_self_critical_run_resumed_after_sigkill_matches_an_uninterrupted_one(start: dict[str, Path]) -> None:
+    common = ["--epochs", "2", "--set", "train.batch_size=4", "--checkpoint-every", "3"]
+    root = start["root"]
+
+    def launch(out: Path, *extra: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "training.train", *scst_args(start, out, *common, *extra)]
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    reference = launch(root / "uninterrupted")
+    killed = launch(root / "killed")
+    state_path = root / "killed" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not state_path.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert killed.poll() is None, "the run ended before it could be killed:\n" + killed.communicate()[0]
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    assert state["progress"]["step_in_epoch"] > 0 and state["progress"]["epoch"] < 2  # killed mid-epoch
+    for process in (launch(root / "killed", "--resume"), reference):
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output
+    expected = load_file(root / "uninterrupted" / "last" / "model.safetensors")
+    resumed = load_file(root / "killed" / "last" / "model.safetensors")
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+    columns = ("epoch", "global_step", "train_loss", "train_reward", "CIDEr")
+    rows = [[row[c] for c in columns] for row in read_csv(root / "uninterrupted" / "metrics.csv")]
+    assert [[row[c] for c in columns] for row in read_csv(root / "killed" / "metrics.csv")] == rows
+
+
+def test_self_critical_training_needs_a_starting_model(tmp_path: Path) -> None:
+    from training.train import ConfigError, build_parser, main
+
+    args = build_parser().parse_args([*TINY, "--data", "x.json", "--images", ".", "--out", str(tmp_path),
+                                      "--set", "train.objective='scst'"])  # fmt: skip
+    with pytest.raises(ConfigError, match="init_from"):
+        main(args)

@@ -30,9 +30,9 @@ from captioner.vocab import PAD_ID, START_ID, Vocabulary
 from training.metrics import CiderD
 
 if TYPE_CHECKING:
-    from training.train import Data, Progress, TrainConfig
-
-BASELINES = ("greedy", "mean")
+    from training.config import TrainConfig
+    from training.data import Data
+    from training.state import Progress
 
 
 class Rewards:

@@ -19,7 +19,7 @@ from PIL import Image
 from captioner.checkpoint import ModelInfo, load_model
 from captioner.decoding import Hypothesis, SearchOptions, search
 from captioner.errors import OptionError
-from captioner.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageSource, load_image
+from captioner.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageSource
 from captioner.model import CaptionModel
 from captioner.vocab import Vocabulary
 
@@ -139,8 +139,7 @@ class Captioner:
             if image.shape != (3, size, size):
                 raise OptionError(f"a preprocessed image must have shape (3, {size}, {size}), not {tuple(image.shape)}")
             return image
-        decoded = load_image(image, max_pixels=max_pixels, min_size=size, max_decode_bytes=max_decode_bytes)
-        return self.info.preprocessing(decoded)
+        return self.info.preprocessing.load(image, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
 
     @overload
     def caption(self, images: Sequence[ImageSource | torch.Tensor], **options: Any) -> list[CaptionResult]: ...

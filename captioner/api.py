@@ -19,7 +19,7 @@ from PIL import Image
 from captioner.checkpoint import ModelInfo, load_model
 from captioner.decoding import Hypothesis, SearchOptions, search
 from captioner.errors import OptionError
-from captioner.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from captioner.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageSource
 from captioner.model import CaptionModel
 from captioner.vocab import Vocabulary
 
@@ -124,16 +124,22 @@ class Captioner:
     def vocabulary(self) -> Vocabulary:
         return self.info.vocabulary
 
-    def preprocess(self, image: ImageSource | torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    def preprocess(
+        self,
+        image: ImageSource | torch.Tensor,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    ) -> torch.Tensor:
         """Any accepted image input -> the model's normalised (3, S, S) tensor; a tensor passes through
         unchanged (it is taken to be preprocessed already, e.g. by a data-loading worker). The image is
-        decoded at the size the model needs, not at full size (``load_image``'s ``min_size``)."""
+        decoded at the size the model needs, not at full size (``load_image``'s ``min_size``), within
+        ``max_pixels`` and ``max_decode_bytes`` (see ``load_image``)."""
         size = self.info.preprocessing.image_size
         if isinstance(image, torch.Tensor):
             if image.shape != (3, size, size):
                 raise OptionError(f"a preprocessed image must have shape (3, {size}, {size}), not {tuple(image.shape)}")
             return image
-        return self.info.preprocessing(load_image(image, max_pixels=max_pixels, min_size=size))
+        return self.info.preprocessing.load(image, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
 
     @overload
     def caption(self, images: Sequence[ImageSource | torch.Tensor], **options: Any) -> list[CaptionResult]: ...

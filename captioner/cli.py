@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_in(0, 256),
         default=min(4, os.cpu_count() or 1),
         metavar="N",
-        help="image decoding threads; 0 decodes in the main thread (default: min(4, CPUs))",
+        help="threads decoding images ahead of the model; 0 decodes in the main thread, for debugging "
+        "(default: min(4, CPUs))",
     )
     running.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
     running.add_argument("--shard", type=_shard, metavar="I/N", help="caption only shard I of N (0 <= I < N)")

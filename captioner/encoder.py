@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from captioner.config import EncoderConfig
+from captioner.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageSource, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +51,18 @@ class Preprocessing:
         std = np.asarray(self.std, dtype=np.float32)  # (3,)
         normalised = (pixels - mean) / std  # (S, S, 3)
         return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))  # (3, S, S)
+
+    def load(
+        self,
+        source: ImageSource,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    ) -> torch.Tensor:
+        """Decode ``source`` at the size this input needs (``load_image``'s ``min_size``) and normalise it.
+        The one path from an image to the model's input, for inference and the training feature cache
+        alike, so that a model is trained on the pixels it will be shown."""
+        decoded = load_image(source, max_pixels=max_pixels, min_size=self.image_size, max_decode_bytes=max_decode_bytes)
+        return self(decoded)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from service.config import ConfigError, ServerSettings, ServiceConfig
+from service.config import ConfigError, ServerSettings, ServiceConfig, usable_cores
 
 GUNICORN_ARGS = ("-m", "gunicorn", "-c", "python:service.gunicorn_config", "service.wsgi:app")
 
@@ -61,14 +61,6 @@ def environment(args: argparse.Namespace, base: dict[str, str]) -> dict[str, str
     return env
 
 
-def _usable_cores() -> int:
-    """The cores this process may run on (its affinity, e.g. a container's CPU set, where the platform
-    reports one; else every core)."""
-    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no affinity call
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Validate the settings and exec gunicorn; returns (2) only when a setting is invalid."""
     args = build_parser().parse_args(argv)
@@ -80,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # decode and normalise with PIL and numpy), and the encoder runs one thread per intra-op
         # thread, so this count sets the worker's compute threads. More threads than cores
         # across the workers would leave OpenMP threads spinning while others hold the cores.
-        env.setdefault("CAPTIONER_TORCH_THREADS", str(max(1, _usable_cores() // settings.workers)))
+        env.setdefault("CAPTIONER_TORCH_THREADS", str(max(1, usable_cores() // settings.workers)))
         ServiceConfig.from_env(env)
     except ConfigError as error:
         print(f"python -m service: error: {error}", file=sys.stderr)

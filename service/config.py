@@ -30,7 +30,10 @@ class ServiceConfig:
     """What one application instance (one gunicorn worker) needs to serve captions.
 
     ``model_dir`` None loads the captioner's default model. ``max_pixels`` None keeps the captioner's
-    own bound on decoded image size. ``queue_size`` counts images waiting for the model, so the memory
+    own bound on decoded image size, ``max_decode_bytes`` None its own bound on the memory one decode
+    may take (``captioner.images.DEFAULT_MAX_DECODE_BYTES``). ``decode_concurrency`` bounds the images
+    a worker decodes at once (None: ``torch_threads``, else the cores the process may use; see
+    ``decode_slots``). ``queue_size`` counts images waiting for the model, so the memory
     held by waiting requests is bounded whatever the traffic. ``torch_threads`` None leaves torch's
     own setting. ``encoder_batch_size`` splits a batch for the CNN encoder only (None: 2 on a CPU,
     the whole batch on a GPU; see ``ModelRuntime``). ``api_key`` is kept out of ``repr`` so it never
@@ -51,6 +54,8 @@ class ServiceConfig:
     queue_size: int = 64
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int | None = None
+    max_decode_bytes: int | None = None
+    decode_concurrency: int | None = None
     max_images: int = 16
     max_beam_size: int = 10
     max_caption_length: int = 50
@@ -68,6 +73,10 @@ class ServiceConfig:
         _check_range("max_upload_bytes", self.max_upload_bytes, 1024, 2**40)
         if self.max_pixels is not None:
             _check_range("max_pixels", self.max_pixels, 1, 2**40)
+        if self.max_decode_bytes is not None:
+            _check_range("max_decode_bytes", self.max_decode_bytes, 1024, 2**40)
+        if self.decode_concurrency is not None:
+            _check_range("decode_concurrency", self.decode_concurrency, 1, 1024)
         _check_range("max_images", self.max_images, 1, 1024)
         _check_range("max_beam_size", self.max_beam_size, 1, 50)
         _check_range("max_caption_length", self.max_caption_length, 1, 200)
@@ -94,6 +103,13 @@ class ServiceConfig:
         return min(DEFAULT_MAX_LENGTH, self.max_caption_length)
 
     @property
+    def decode_slots(self) -> int:
+        """How many images one worker decodes at once. Decoding is CPU-bound work in C that releases
+        the GIL, so more decodes than the worker's share of the cores only hold more memory at once
+        without finishing sooner; ``python -m service`` sets ``torch_threads`` to that share."""
+        return self.decode_concurrency or self.torch_threads or usable_cores()
+
+    @property
     def metrics_need_key(self) -> bool:
         return self.api_key is not None and self.metrics_auth == "key"
 
@@ -111,6 +127,8 @@ class ServiceConfig:
                 queue_size=env.integer("CAPTIONER_QUEUE_SIZE", defaults.queue_size),
                 max_upload_bytes=env.integer("CAPTIONER_MAX_UPLOAD_BYTES", defaults.max_upload_bytes),
                 max_pixels=env.optional_integer("CAPTIONER_MAX_PIXELS"),
+                max_decode_bytes=env.optional_integer("CAPTIONER_MAX_DECODE_BYTES"),
+                decode_concurrency=env.optional_integer("CAPTIONER_DECODE_CONCURRENCY"),
                 max_images=env.integer("CAPTIONER_MAX_IMAGES", defaults.max_images),
                 max_beam_size=env.integer("CAPTIONER_MAX_BEAM_SIZE", defaults.max_beam_size),
                 max_caption_length=env.integer("CAPTIONER_MAX_LENGTH", defaults.max_caption_length),
@@ -193,6 +211,8 @@ _VARIABLES = {
     "queue_size": "CAPTIONER_QUEUE_SIZE",
     "max_upload_bytes": "CAPTIONER_MAX_UPLOAD_BYTES",
     "max_pixels": "CAPTIONER_MAX_PIXELS",
+    "max_decode_bytes": "CAPTIONER_MAX_DECODE_BYTES",
+    "decode_concurrency": "CAPTIONER_DECODE_CONCURRENCY",
     "max_images": "CAPTIONER_MAX_IMAGES",
     "max_beam_size": "CAPTIONER_MAX_BEAM_SIZE",
     "max_caption_length": "CAPTIONER_MAX_LENGTH",
@@ -222,6 +242,14 @@ def parse_bool(text: str) -> bool | None:
     if lowered in _FALSE:
         return False
     return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a container's CPU set, where the platform
+    reports one; else every core)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no affinity call
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _check_range(name: str, value: _Number, low: _Number, high: _Number) -> None:

@@ -28,16 +28,18 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import cli
+from captioner import Captioner, cli
 from captioner.attention_png import canvas_size
 from captioner.batch import (
     CsvOutput,
     InputError,
     JsonlOutput,
+    Progress,
     Record,
     attention_file_names,
     list_inputs,
     parse_shard,
+    run_batches,
     select_shard,
     shard_of,
 )
@@ -586,3 +588,43 @@ def test_an_output_file_cannot_be_shared_by_two_runs(tmp_path: Path) -> None:
     first.close()
     second.resume(set())
     second.close()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_background_decoding_writes_the_records_of_decoding_in_place(
+    tmp_path: Path, tiny_model_dir: Path, workers: int
+) -> None:
+    write_photos(tmp_path / "photos")
+    paths = list_inputs([str(tmp_path / "photos")])
+    captioner = Captioner.from_pretrained(tiny_model_dir, device="cpu")
+    options = captioner.search_options(beam_size=1, max_length=3)
+
+    def records_file(workers: int) -> bytes:
+        path = tmp_path / f"records-{workers}.jsonl"
+        output = JsonlOutput(path)
+        output.resume(set(paths))
+        with open(os.devnull, "w") as quiet:
+            summary = run_batches(
+                paths,
+                decode=cli._decoder(captioner, keep_image=False),
+                caption_batch=cli._batch_captioner(captioner, options, None, None, {}),
+                output=output,
+                batch_size=3,  # failures fall between and within batches
+                workers=workers,
+                progress=Progress(len(paths), quiet),
+            )
+        output.close()
+        assert (summary.captioned, summary.failed) == (len(paths) - 4, 4)
+        return path.read_bytes()
+
+    in_place = records_file(0)
+    records = [json.loads(line) for line in in_place.splitlines()]
+    assert [record["path"] for record in records] == paths  # input order
+    codes = {Path(r["path"]).name: r["error"]["code"] for r in records if "error" in r}
+    assert codes == {
+        "truncated.jpg": "truncated",
+        "zero.jpg": "empty",
+        "text.jpg": "not_an_image",
+        "huge.png": "too_many_pixels",
+    }
+    assert records_file(workers) == in_place

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -13,11 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner import Captioner
 from captioner.config import EncoderConfig
 from captioner.encoder import Encoder, preprocessing_for
 from captioner.images import load_image
+from tests.test_bench import load_bench
 from training.datasets import DatasetError, ImageRecord
-from training.features import FEATURES_FILE, INDEX_FILE, cached_features, open_cache
+from training.features import FEATURES_FILE, INDEX_FILE, ImageDataset, cached_features, open_cache
 
 CPU = torch.device("cpu")
 # The packaged ImageNet weights (no download; a random Lite0's features underflow float16) on small
@@ -185,3 +188,21 @@ def test_duplicate_image_ids_are_refused(tmp_path: Path, encoder: Encoder) -> No
     records = make_records(tmp_path / "images", 2)
     with pytest.raises(DatasetError, match="image id id0 appears twice"):
         build([records[0], records[0]], encoder, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("kind", ["JPEG", "PNG"])
+def test_the_cache_decodes_images_exactly_as_inference_does(tmp_path: Path, tiny_model_dir: Path, kind: str) -> None:
+    # Large enough that decoding for the model differs from decoding at full size: a JPEG scaled by
+    # its decoder, a PNG reduced after decoding.
+    photo = load_bench("image_decode").phone_photo(1600, 1200)
+    path = tmp_path / f"photo.{kind.lower()}"
+    if kind == "JPEG":
+        path.write_bytes(photo)
+    else:
+        Image.open(io.BytesIO(photo)).save(path, "PNG", compress_level=1)
+    captioner = Captioner.from_pretrained(tiny_model_dir, device="cpu")
+    preprocessing = captioner.info.preprocessing
+    _, pixels, failure = ImageDataset([path], preprocessing)[0]
+    assert failure is None and pixels is not None
+    assert torch.equal(pixels, captioner.preprocess(path))
+    assert not torch.equal(pixels, preprocessing(load_image(path)))  # the full-size decode the cache used before

@@ -28,10 +28,13 @@ from captioner.checkpoint import METADATA_FILE
 from service import ServiceConfig, create_app
 from service.__main__ import build_parser, environment, main
 from service.config import ConfigError, ServerSettings
+from service.memory import HeapTrimmer
 from service.metrics import ServiceMetrics
 from service.runtime import runtime_of
+from tests.test_bench import load_bench
 
 FAST = {"beam_size": "1", "max_length": "3"}
+IMAGE_BENCH = load_bench("image_decode")  # the hostile files test_images.py decodes
 
 
 def png(seed: int = 0, size: int = 64, flat: bool = False) -> bytes:
@@ -112,6 +115,8 @@ def test_config_reads_every_variable_and_hides_the_key() -> None:
             "CAPTIONER_QUEUE_SIZE": "100",
             "CAPTIONER_MAX_UPLOAD_BYTES": "2_000_000",
             "CAPTIONER_MAX_PIXELS": "1000000",
+            "CAPTIONER_MAX_DECODE_BYTES": "64_000_000",
+            "CAPTIONER_DECODE_CONCURRENCY": "3",
             "CAPTIONER_MAX_BEAM_SIZE": "5",
             "CAPTIONER_MAX_LENGTH": "30",
             "CAPTIONER_API_KEY": "s3cret-key",
@@ -121,6 +126,7 @@ def test_config_reads_every_variable_and_hides_the_key() -> None:
     )
     assert (config.model_dir, config.device, config.max_batch_size, config.max_wait_ms) == ("/models/x", "cpu", 8, 2.5)
     assert (config.queue_size, config.max_upload_bytes, config.max_pixels) == (100, 2_000_000, 1_000_000)
+    assert (config.max_decode_bytes, config.decode_concurrency, config.decode_slots) == (64_000_000, 3, 3)
     assert (config.max_beam_size, config.max_caption_length, config.api_key) == (5, 30, "s3cret-key")
     assert config.cors_origins == ("https://a.example", "http://b.example")
     assert config.metrics_auth == "open" and not config.metrics_need_key
@@ -138,11 +144,23 @@ def test_config_reads_every_variable_and_hides_the_key() -> None:
         ("CAPTIONER_MAX_BEAM_SIZE", "51"),
         ("CAPTIONER_CORS_ORIGINS", "example.org"),
         ("CAPTIONER_METRICS_AUTH", "public"),
+        ("CAPTIONER_MAX_DECODE_BYTES", "0"),
+        ("CAPTIONER_MAX_DECODE_BYTES", "256MB"),
+        ("CAPTIONER_DECODE_CONCURRENCY", "0"),
+        ("CAPTIONER_DECODE_CONCURRENCY", "1025"),
+        ("CAPTIONER_DECODE_CONCURRENCY", "two"),
     ],
 )
 def test_a_bad_variable_is_refused_by_name(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         ServiceConfig.from_env({variable: value})
+
+
+def test_decode_slots_default_to_the_torch_threads_else_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)))
+    assert ServiceConfig().decode_slots == 6
+    assert ServiceConfig(torch_threads=2).decode_slots == 2  # python -m service sets it to the worker's share
+    assert ServiceConfig(torch_threads=2, decode_concurrency=5).decode_slots == 5
 
 
 def test_server_settings_from_env() -> None:
@@ -603,6 +621,123 @@ def test_a_full_queue_is_503_with_retry_after(make_app: Callable[..., Flask], ca
     running.join(30)
     waiting.join(30)
     assert results == {"running": 200, "waiting": 200}
+
+
+# --- decoding: its slots, its deadline, its memory --------------------------------------------
+
+
+class CountingDecodes(Wrapped):
+    """A captioner that counts the decodes started and the most running at once, each taking at least
+    ``seconds`` (the real decode, then a sleep)."""
+
+    def __init__(self, inner: Captioner, seconds: float = 0.0) -> None:
+        super().__init__(inner)
+        self.seconds = seconds
+        self.started = 0
+        self.running = 0
+        self.most_running = 0
+        self._lock = threading.Lock()
+
+    def preprocess(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self.started += 1
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            pixels = self.inner.preprocess(*args, **kwargs)
+            time.sleep(self.seconds)
+            return pixels
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.running == 0
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_no_more_images_are_decoded_at_once_than_the_decode_slots(
+    make_app: Callable[..., Flask], captioner: Captioner, slots: int
+) -> None:
+    model = CountingDecodes(captioner, seconds=0.05)
+    app = make_app(model, decode_concurrency=slots)
+    statuses: list[int] = []
+
+    def send(seed: int) -> None:
+        data = {"image": [(io.BytesIO(png(seed * 4 + i, size=16)), f"{i}.png") for i in range(4)]} | FAST
+        statuses.append(app.test_client().post("/predict", data=data).status_code)
+
+    senders = [threading.Thread(target=send, args=(seed,)) for seed in range(4)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(60)
+    assert statuses == [200] * 4
+    assert model.started == 16
+    assert model.most_running == slots  # as many as allowed side by side, never more
+
+
+def test_a_request_over_its_deadline_is_503_at_the_deadline_and_its_waiting_decodes_are_dropped(
+    make_app: Callable[..., Flask], captioner: Captioner
+) -> None:
+    # 16 grey PNGs of 35 megapixels and 16 bits: small uploads, costly to decode. Each decode is held
+    # at least half a second more, so that however fast the machine, two slots cannot get through
+    # more than four before the deadline, nor through all sixteen in less than four seconds.
+    costly = IMAGE_BENCH.grey16_png(7000, 5000)
+    assert len(costly) < 200_000
+    model = CountingDecodes(captioner, seconds=0.5)
+    app = make_app(model, request_timeout_s=1.0, decode_concurrency=2)
+    data = {"image": [(io.BytesIO(costly), f"{i}.png") for i in range(16)]} | FAST
+    started = time.monotonic()
+    response = app.test_client().post("/predict", data=data)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 503, response.get_data(as_text=True)
+    assert error_of(response)["code"] == "timeout" and response.headers["Retry-After"]
+    assert elapsed < 4.0  # the 1 s deadline, with a wide margin for a busy machine
+    model.wait_idle(30)  # the decodes already running when the deadline passed finish on their threads
+    assert model.started <= 6  # the rest were never started
+    ok = app.test_client().post("/predict", data=png(), content_type="image/png", query_string=FAST)
+    assert ok.status_code == 200
+
+
+def test_the_deadline_counts_from_the_start_of_the_request(
+    make_app: Callable[..., Flask], captioner: Captioner
+) -> None:
+    # Each decode is slow (0.4 s) but well within the deadline on its own; a request of four, one slot,
+    # is not: the waits for the slot count against the one deadline.
+    model = CountingDecodes(captioner, seconds=0.4)
+    client = make_app(model, request_timeout_s=1.0, decode_concurrency=1).test_client()
+    one = client.post("/predict", data=png(), content_type="image/png", query_string=FAST)
+    assert one.status_code == 200
+    data = {"image": [(io.BytesIO(png(i)), f"{i}.png") for i in range(4)]} | FAST
+    four = client.post("/predict", data=data)
+    assert four.status_code == 503 and error_of(four)["code"] == "timeout"
+    model.wait_idle(10)
+    assert model.started <= 1 + 3  # the fourth image never started
+
+
+def test_the_memory_budget_of_a_decode_is_configurable(make_app: Callable[..., Flask]) -> None:
+    image = png(size=64)  # PIL holds it in 64 * 64 * 4 = 16,384 bytes
+    tight = make_app(max_decode_bytes=16_383).test_client()
+    refused = tight.post("/predict", data=image, content_type="image/png", query_string=FAST)
+    assert refused.status_code == 413 and error_of(refused)["code"] == "too_costly"
+    assert "16,383 bytes" in error_of(refused)["message"]
+    enough = make_app(max_decode_bytes=16_384).test_client()
+    assert enough.post("/predict", data=image, content_type="image/png", query_string=FAST).status_code == 200
+
+
+def test_the_heap_trimmer_trims_only_when_malloc_holds_enough_freed_memory() -> None:
+    trimmer = HeapTrimmer(threshold=0)
+    if not trimmer.available:
+        assert not trimmer.trim()  # not glibc: nothing to call, nothing done
+        return
+    assert trimmer.trim()
+    held = trimmer.free_bytes()
+    if held is not None:  # glibc 2.33 or later can say how much it holds
+        assert not HeapTrimmer(threshold=held + 2**40).trim()
 
 
 # --- security --------------------------------------------------------------------------------

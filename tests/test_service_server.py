@@ -117,11 +117,12 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory now (VmRSS) or at its peak so far (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
+    raise AssertionError(f"no {field} for process {pid}")
 
 
 class Server:
@@ -354,6 +355,51 @@ def test_a_header_claiming_60000_by_60000_pixels_is_413_without_memory_growth(se
         assert response.status == 413 and response.json()["error"]["code"] == "too_many_pixels"
     assert rss_bytes(worker) - before < 100 * 2**20
     good_request(server)
+
+
+IMAGE_BENCH = load_bench("image_decode")  # the hostile files test_images.py decodes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("make", "content_type"),
+    [(lambda: IMAGE_BENCH.webp(4096, 4096), "image/webp"), (IMAGE_BENCH.float_tiff, "image/tiff")],
+    ids=["WebP 4096x4096", "float TIFF 40 MP"],
+)
+def test_16_requests_of_the_costliest_allowed_images_stay_within_memory(
+    tiny_model_dir: Path, tmp_path: Path, make: Any, content_type: str
+) -> None:
+    # A lossless WebP of 4096x4096 is the costliest image the default budget lets through (libwebp's
+    # canvases and PIL's copy take about 270 MB while it decodes); a float TIFF at the pixel limit is
+    # decoded in PIL's own blocks, which malloc keeps after they are freed unless trimmed. Both are
+    # small on the wire. Two decode slots are set, as python -m service gives a worker on two cores, so
+    # that the bound does not depend on the machine running the test.
+    costly = make()
+    assert len(costly) < UPLOAD_LIMIT
+    server = Server(tiny_model_dir, tmp_path / "server.log", CAPTIONER_DECODE_CONCURRENCY="2")
+    try:
+        worker = server.worker_pid()
+        good_request(server)
+        before = rss_bytes(worker)
+        with ThreadPoolExecutor(16) as pool:
+            answers = [pool.submit(server.request, "POST", f"/predict?{FAST}", costly, content_type) for _ in range(16)]
+            responses = [answer.result(120) for answer in answers]
+        peak = rss_bytes(worker, "VmHWM")
+        for response in responses:
+            assert response.status in (200, 413, 422, 503), response.body
+            if response.status == 503:
+                assert response.json()["error"]["code"] == "timeout"
+        good_request(server)
+        assert peak < 2.5e9, (before, peak)
+        # Freed decode buffers go back to the system (malloc_trim) rather than staying in malloc's arenas.
+        settle = time.monotonic() + 10
+        while rss_bytes(worker) > 1.25 * before and time.monotonic() < settle:
+            time.sleep(0.5)
+        after = rss_bytes(worker)
+        assert after <= 1.25 * before, (before, peak, after)
+        assert server.worker_pid() == worker  # the worker never died and was replaced
+    finally:
+        server.stop()
 
 
 def soak(server: Server, total: int, clients: int) -> list[tuple[str, int, Any]]:

@@ -37,12 +37,12 @@ from tqdm import tqdm
 
 from captioner.encoder import Encoder, Preprocessing
 from captioner.errors import ImageError
-from captioner.images import load_image
 from training.datasets import DatasetError, ImageRecord
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+# 2: images decoded at the size the model needs (Preprocessing.load), as inference decodes them.
+CACHE_FORMAT = 2
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.json"
 _WARNED_FAILURES = 20  # failed images named one by one; the rest are counted
@@ -61,7 +61,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, self.preprocessing(load_image(self.paths[index])), None
+            return index, self.preprocessing.load(self.paths[index]), None
         except ImageError as error:
             return index, None, str(error)
 

@@ -5,8 +5,10 @@ multipart form fields named ``image`` (several fields, several images), a raw bo
 Content-Type, or JSON ``{"image": "<base64>"}`` / ``{"images": [...]}``. Options come from the query
 string and from the form fields or JSON keys; naming one twice is an error rather than a guess.
 
-The request thread reads and decodes every image before anything is queued, so a bad image is
-answered with its own 4xx and never reaches the batcher where it could fail a whole batch.
+The request thread reads every image, and has the worker's decode threads decode them, before anything
+is queued, so a bad image is answered with its own 4xx and never reaches the batcher where it could
+fail a whole batch. Reading, decoding and captioning share one deadline, ``request_timeout_s`` from
+the start of the request.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def _authenticate() -> None:
 @blueprint.post("/predict")
 def predict() -> Response:
     started = time.perf_counter()
+    deadline = time.monotonic() + _config().request_timeout_s
     runtime = runtime_of(current_app)
     metrics = runtime.metrics
     metrics.in_flight.inc()
@@ -77,9 +80,8 @@ def predict() -> Response:
             images, values = _read_request(config)
             assert runtime.captioner is not None  # ready
             options = parse_options(values, config, runtime.captioner.info.decoding)
-            several = len(images) > 1
-            pixels = [runtime.preprocess(data, f"image {i + 1}" if several else None) for i, data in enumerate(images)]
-            results = runtime.caption(pixels, options.search, arrival)
+            pixels = runtime.preprocess_all(images, deadline)
+            results = runtime.caption(pixels, options.search, arrival, deadline)
         metrics.images.inc(len(results))
         assert runtime.captioner is not None
         info = runtime.captioner.info

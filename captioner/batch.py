@@ -464,15 +464,20 @@ def write_file_atomically(path: Path, content: bytes, durable: bool = True) -> N
 
 
 def open_output(path: str | None, out: TextIO, err: TextIO) -> Output:
-    """The output for ``--output``: JSONL or CSV by suffix, or stdout when no file is given."""
+    """The output for ``--output``: JSONL or CSV by suffix, Parquet part files for ``DIR/*.parquet``, or
+    stdout when no file is given."""
     if path is None:
         return StreamOutput(out, err)
+    from captioner.parquet_output import ParquetOutput, is_parquet_pattern  # needs pyarrow: only when asked
+
+    if is_parquet_pattern(path):
+        return ParquetOutput(Path(path).parent)
     suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
         return JsonlOutput(Path(path))
     if suffix == ".csv":
         return CsvOutput(Path(path))
-    raise InputError(f"--output must end in .jsonl or .csv, not {path!r}")
+    raise InputError(f"--output must end in .jsonl or .csv, or be DIR/*.parquet, not {path!r}")
 
 
 # ----------------------------------------------------------------------------------- background decoding

@@ -26,6 +26,7 @@ from captioner.batch import (
     Decoded,
     InputError,
     JsonlOutput,
+    Output,
     Progress,
     Record,
     Summary,
@@ -42,6 +43,7 @@ from captioner.decoding import SearchOptions
 from captioner.encoder import grid_size_for
 from captioner.errors import CheckpointError, OptionError
 from captioner.images import load_image
+from captioner.parquet_output import ParquetOutput
 
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -192,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     running.add_argument("--shard", type=_shard, metavar="I/N", help="caption only shard I of N (0 <= I < N)")
     running.add_argument("--output", metavar="FILE", help="FILE.jsonl or FILE.csv; resumable (default: stdout)")
     running.add_argument("--attention-dir", metavar="DIR", help="write DIR/<stem>.attention.png per image")
+    ray_engine = caption.add_argument_group('ray engine (needs the ray extra: pip install "captioner[ray]")')
+    ray_engine.add_argument(
+        "--engine", choices=("local", "ray"), default="local", help="local: this process; ray: a Ray Data pipeline"
+    )
+    ray_engine.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join the Ray cluster at ADDR ('auto': this machine's); default: start a local one",
+    )
+    ray_engine.add_argument(
+        "--actors", type=_int_in(1, 100000), metavar="N", help="caption actors (default: one per GPU, or per 8 CPUs)"
+    )
+    ray_engine.add_argument(
+        "--gpus-per-actor", type=float, default=0.0, metavar="G", help="GPUs per actor; 0 captions on CPUs (default)"
+    )
     caption.set_defaults(handler=_caption_command)
 
     info = commands.add_parser(
@@ -267,8 +284,11 @@ def _caption_command(args: argparse.Namespace) -> int:
     try:
         given_options = _search_options(args)
         output = open_output(args.output, sys.stdout, sys.stderr)
-        if args.n_best > 1 and not isinstance(output, JsonlOutput):
-            raise OptionError("--n-best above 1 needs --output FILE.jsonl (CSV and stdout hold one caption per image)")
+        if args.n_best > 1 and not isinstance(output, JsonlOutput | ParquetOutput):
+            raise OptionError(
+                "--n-best above 1 needs --output FILE.jsonl or DIR/*.parquet "
+                "(CSV and stdout hold one caption per image)"
+            )
         paths = list_inputs(args.paths, args.recursive)
         if not paths:
             raise InputError(
@@ -280,6 +300,8 @@ def _caption_command(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except (OptionError, InputError) as error:
         return _fail(EXIT_USAGE, str(error))
+    if args.engine == "ray":
+        return _caption_on_ray(args, given_options, output, paths)
 
     try:
         captioner = Captioner.from_pretrained(args.model, device=device)
@@ -310,6 +332,43 @@ def _caption_command(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=progress,
         )
+    except OSError as error:
+        where = error.filename or args.output or "the output"
+        return _fail(EXIT_OUTPUT, f"cannot write {where}: {error.strerror or error}")
+    finally:
+        progress.close()
+        output.close()
+    summary.skipped = len(done)
+    print(_summary_line(summary, args.output), file=sys.stderr)
+    return EXIT_IMAGES_FAILED if summary.failed else EXIT_OK
+
+
+def _caption_on_ray(args: argparse.Namespace, given_options: dict[str, Any], output: Output, paths: list[str]) -> int:
+    """``--engine ray``: the same resume step and records as the local engine, captioned by a Ray Data
+    pipeline (captioner.distributed); the driver never loads the model."""
+    from captioner.distributed import RayPlan, caption_paths
+
+    try:
+        if args.attention_dir:
+            raise OptionError("--attention-dir is not available with --engine ray")
+        plan = RayPlan(args.batch_size, args.actors, args.gpus_per_actor)
+        read_info(args.model or default_model_dir())
+        done = output.resume(set(paths))
+    except (OptionError, InputError) as error:
+        return _fail(EXIT_USAGE, str(error))
+    except CheckpointError as error:
+        return _fail(EXIT_MODEL, f"cannot read the model: {error}")
+    except OSError as error:
+        return _fail(EXIT_OUTPUT, f"cannot open {args.output}: {error.strerror or error}")
+    todo = [path for path in paths if path not in done]
+    progress = Progress(len(todo), sys.stderr)
+    try:
+        address, seed = args.ray_address, args.seed
+        summary = caption_paths(
+            todo, output, progress, args.model, address=address, search=given_options, seed=seed, plan=plan
+        )
+    except OptionError as error:
+        return _fail(EXIT_USAGE, str(error))
     except OSError as error:
         where = error.filename or args.output or "the output"
         return _fail(EXIT_OUTPUT, f"cannot write {where}: {error.strerror or error}")

@@ -45,12 +45,22 @@ class Preprocessing:
         The arithmetic is numpy's, not torch's: this runs in the service's request threads and the
         data-loading workers, and a torch operation there would start an OpenMP team of its own in
         every such thread, competing for the cores with the thread that runs the model."""
+        return self.normalise(self.resize(image))
+
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """The first half of ``__call__``: an RGB PIL image -> (S, S, 3) uint8, a quarter of the float
+        tensor's size, for moving decoded images between processes (the Ray engine)."""
         resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        pixels = np.asarray(resized, dtype=np.float32) / np.float32(255.0)  # (S, S, 3)
+        return np.asarray(resized, dtype=np.uint8)
+
+    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
+        """The second half of ``__call__``: uint8 (..., S, S, 3) -> float32 (..., 3, S, S); element-wise,
+        so a batch gives exactly the tensors of its images one by one."""
+        scaled = pixels.astype(np.float32) / np.float32(255.0)  # (..., S, S, 3)
         mean = np.asarray(self.mean, dtype=np.float32)  # (3,)
         std = np.asarray(self.std, dtype=np.float32)  # (3,)
-        normalised = (pixels - mean) / std  # (S, S, 3)
-        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))  # (3, S, S)
+        normalised = (scaled - mean) / std  # (..., S, S, 3)
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(normalised, -1, -3)))  # (..., 3, S, S)
 
     def load(
         self,

@@ -586,3 +586,28 @@ def test_an_output_file_cannot_be_shared_by_two_runs(tmp_path: Path) -> None:
     first.close()
     second.resume(set())
     second.close()
+
+
+def test_a_seed_samples_each_image_alike_whatever_the_batch_size_or_shard(tmp_path: Path, tiny_model_dir: Path) -> None:
+    write_noise_pngs(tmp_path / "imgs", 6, size=16)
+    sampling = ["caption", "imgs", "--model", str(tiny_model_dir), "--sample", "--temperature", "3", "--seed", "4"]
+    sampling += ["--max-length", "8", "--workers", "2", "--n-best", "2"]
+    results = run_side_by_side(
+        [
+            [*CLI, *sampling, "--batch-size", "4", "--output", "batch4.jsonl"],
+            [*CLI, *sampling, "--batch-size", "1", "--output", "batch1.jsonl"],
+            [*CLI, *sampling, "--batch-size", "4", "--shard", "1/2", "--output", "shard.jsonl"],
+        ],
+        tmp_path,
+    )
+    assert all(result.returncode == 0 for result in results), [result.stderr for result in results]
+
+    def samples(name: str) -> dict[str, list[str]]:
+        return {r["path"]: [c["caption"] for c in r["n_best"]] for r in jsonl_records(tmp_path / name)}
+
+    by_path = samples("batch4.jsonl")
+    assert samples("batch1.jsonl") == by_path
+    shard = samples("shard.jsonl")
+    assert shard and len(shard) < len(by_path)
+    assert shard == {path: by_path[path] for path in shard}
+    assert len({tuple(captions) for captions in by_path.values()}) > 1

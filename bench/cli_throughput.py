@@ -91,7 +91,7 @@ def caption_folder(captioner: Captioner, folder: Path, output: Path, batch_size:
             summary = run_batches(
                 paths,
                 decode=_decoder(captioner, keep_image=False),
-                caption_batch=_batch_captioner(captioner, options, None, None, {}),
+                caption_batch=_batch_captioner(captioner, options, None, {}, None, {}),
                 output=records,
                 batch_size=batch_size,
                 workers=workers,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from captioner.checkpoint import ModelInfo, load_model
-from captioner.decoding import Hypothesis, SearchOptions, search
+from captioner.decoding import Generators, Hypothesis, SearchOptions, sampling_generators, search
 from captioner.errors import OptionError
 from captioner.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageSource
 from captioner.model import CaptionModel
@@ -161,14 +161,25 @@ class Captioner:
         batch_size: int = 32,
         no_repeat_ngram_size: int | None = None,
         repetition_penalty: float | None = None,
+        distinct: bool = True,
     ) -> list[CaptionResult] | CaptionResult:
         """Caption one image (returns one result) or a list of images (returns a list, same order).
 
         Images may be paths, encoded bytes, file objects, PIL images or preprocessed tensors. An input
         that is not a usable image raises ``ImageError`` (its ``code`` says why); bad options raise
-        ``OptionError``. ``seed`` makes sampling reproducible. ``length_penalty``,
-        ``no_repeat_ngram_size`` and ``repetition_penalty`` left at None take the model's own
-        settings (``model.json``'s ``decoding``), else the search's defaults (``SearchOptions``).
+        ``OptionError``. ``length_penalty``, ``no_repeat_ngram_size`` and ``repetition_penalty`` left
+        at None take the model's own settings (``model.json``'s ``decoding``), else the search's
+        defaults (``SearchOptions``).
+
+        Sampling (``sample=True``): ``temperature`` > 0 (towards 0 it picks the likeliest word, as
+        greedy search does), ``top_k`` > 0 draws among exactly that many words (ties broken towards the
+        lower word id), and ``n_best`` > 1 gives distinct captions unless ``distinct=False`` (fewer
+        than ``n_best`` when the model offers fewer within ``decoding.DISTINCT_SAMPLE_ROUNDS`` rounds
+        of draws). ``seed`` (an integer) gives each image its own random stream, seeded from the seed
+        and the image's index in ``images``: the same seed, the same image at the same index, the same
+        options and the same model on the same device sample the same captions, whatever the other
+        images of the call and ``batch_size``. An image at another index, or among other images put
+        first, draws from another stream. Without a seed, sampling draws from torch's global stream.
         """
         single = _is_single(images)
         batch = [images] if single else list(images)  # type: ignore[list-item]
@@ -182,15 +193,19 @@ class Captioner:
             top_k=top_k,
             no_repeat_ngram_size=no_repeat_ngram_size,
             repetition_penalty=repetition_penalty,
+            distinct=distinct,
         )
-        if not 1 <= batch_size <= 4096:
-            raise OptionError("batch_size must lie in [1, 4096]")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
+            raise OptionError(f"batch_size must be an integer from 1 to 4096, not {batch_size!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise OptionError(f"seed must be an integer, not {seed!r}")
         pixels = [self.preprocess(image) for image in batch]
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         results: list[CaptionResult] = []
         for start in range(0, len(pixels), batch_size):
             chunk = torch.stack(pixels[start : start + batch_size]).to(self.device)  # (N, 3, S, S)
-            results.extend(self.caption_pixels(chunk, options, generator))
+            indices = range(start, start + len(chunk))
+            generators = sampling_generators(seed, indices, self.device) if seed is not None else None
+            results.extend(self.caption_pixels(chunk, options, generators))
         return results[0] if single else results
 
     def search_options(self, **options: Any) -> SearchOptions:
@@ -205,9 +220,11 @@ class Captioner:
 
     @torch.inference_mode()
     def caption_pixels(
-        self, pixels: torch.Tensor, options: SearchOptions, generator: torch.Generator | None = None
+        self, pixels: torch.Tensor, options: SearchOptions, generator: Generators = None
     ) -> list[CaptionResult]:
-        """Caption a preprocessed batch (N, 3, S, S) already on the model's device."""
+        """Caption a preprocessed batch (N, 3, S, S) already on the model's device. ``generator``
+        (sampling): one per image (``decoding.sampling_generators``) makes each image's samples
+        independent of the batch; a single one is shared by all rows."""
         return self.caption_features(self.encode(pixels), options, generator)
 
     @torch.inference_mode()
@@ -225,7 +242,7 @@ class Captioner:
 
     @torch.inference_mode()
     def caption_features(
-        self, features: torch.Tensor, options: SearchOptions, generator: torch.Generator | None = None
+        self, features: torch.Tensor, options: SearchOptions, generator: Generators = None
     ) -> list[CaptionResult]:
         """Caption encoder features (N, R, C), e.g. from a feature cache."""
         found = search(self.model.decoder, features.to(self.device, torch.float32), options, generator)

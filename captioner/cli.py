@@ -39,7 +39,7 @@ from captioner.batch import (
     write_file_atomically,
 )
 from captioner.checkpoint import ModelInfo, read_info
-from captioner.decoding import SearchOptions
+from captioner.decoding import SearchOptions, sampling_generators
 from captioner.encoder import grid_size_for
 from captioner.errors import CheckpointError, OptionError
 from captioner.images import load_image
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         metavar="S",
-        help="random seed for --sample (reproducible for the same inputs and batch size)",
+        help="random seed for --sample: an image samples alike for the same S, options, model and "
+        "position among the listed inputs, whatever --batch-size, --shard or a resumed run",
     )
     search.add_argument("--n-best", type=int, default=1, metavar="N", help="also record the N best captions (JSONL)")
     running = caption.add_argument_group("running")
@@ -295,13 +296,16 @@ def _caption_command(args: argparse.Namespace) -> int:
                 f"no images found in {' '.join(args.paths)} (extensions: jpg jpeg png gif bmp webp tif tiff)"
             )
         attention_names = attention_file_names(paths) if args.attention_dir else {}
+        # Sampling seeds each image from its place in the whole listing, which neither sharding nor
+        # resuming changes.
+        input_index = {path: index for index, path in enumerate(paths)}
         if args.shard is not None:
             paths = select_shard(paths, *args.shard)
         device = resolve_device(args.device)
     except (OptionError, InputError) as error:
         return _fail(EXIT_USAGE, str(error))
     if args.engine == "ray":
-        return _caption_on_ray(args, given_options, output, paths)
+        return _caption_on_ray(args, given_options, output, paths, input_index)
 
     try:
         captioner = Captioner.from_pretrained(args.model, device=device)
@@ -326,7 +330,7 @@ def _caption_command(args: argparse.Namespace) -> int:
         summary = run_batches(
             todo,
             decode=_decoder(captioner, keep_image=attention_dir is not None),
-            caption_batch=_batch_captioner(captioner, options, args.seed, attention_dir, attention_names),
+            caption_batch=_batch_captioner(captioner, options, args.seed, input_index, attention_dir, attention_names),
             output=output,
             batch_size=args.batch_size,
             workers=args.workers,
@@ -343,7 +347,13 @@ def _caption_command(args: argparse.Namespace) -> int:
     return EXIT_IMAGES_FAILED if summary.failed else EXIT_OK
 
 
-def _caption_on_ray(args: argparse.Namespace, given_options: dict[str, Any], output: Output, paths: list[str]) -> int:
+def _caption_on_ray(
+    args: argparse.Namespace,
+    given_options: dict[str, Any],
+    output: Output,
+    paths: list[str],
+    input_index: dict[str, int],
+) -> int:
     """``--engine ray``: the same resume step and records as the local engine, captioned by a Ray Data
     pipeline (captioner.distributed); the driver never loads the model."""
     from captioner.distributed import RayPlan, caption_paths
@@ -365,8 +375,9 @@ def _caption_on_ray(args: argparse.Namespace, given_options: dict[str, Any], out
     try:
         address, seed = args.ray_address, args.seed
         summary = caption_paths(
-            todo, output, progress, args.model, address=address, search=given_options, seed=seed, plan=plan
-        )
+            todo, output, progress, args.model, address=address, search=given_options, seed=seed, plan=plan,
+            indices=[input_index[path] for path in todo],
+        )  # fmt: skip
     except OptionError as error:
         return _fail(EXIT_USAGE, str(error))
     except OSError as error:
@@ -400,17 +411,23 @@ def _batch_captioner(
     captioner: Captioner,
     options: SearchOptions,
     seed: int | None,
+    input_index: dict[str, int],
     attention_dir: Path | None,
     attention_names: dict[str, str],
 ) -> Callable[[list[Decoded[Pixels]]], list[Record]]:
     """The function that captions one batch of decoded images (in the main thread) and draws their
-    attention pictures."""
-    generator = torch.Generator(device=captioner.device).manual_seed(seed) if seed is not None else None
+    attention pictures. With a seed, each image samples from its own generator, seeded from the seed
+    and the image's ``input_index``."""
 
     def caption_batch(items: list[Decoded[Pixels]]) -> list[Record]:
         decoded = [item.value for item in items if item.value is not None]  # run_batches passes decoded items only
         pixels = torch.stack([tensor for tensor, _ in decoded]).to(captioner.device)  # (N, 3, S, S)
-        results = captioner.caption_pixels(pixels, options, generator)
+        generators = (
+            sampling_generators(seed, [input_index[item.path] for item in items], captioner.device)
+            if seed is not None
+            else None
+        )
+        results = captioner.caption_pixels(pixels, options, generators)
         records = []
         for item, (_, thumbnail), result in zip(items, decoded, results, strict=True):
             if attention_dir is not None and thumbnail is not None:

@@ -18,12 +18,29 @@ would make an n-gram the caption already holds ("a hat and a hat" with n = 2), a
 ``repetition_penalty = p`` makes each word already in the caption less likely, dividing its logit
 by p where it is positive and multiplying it by p where negative (Keskar et al.'s CTRL rule). Scores
 and log-probabilities are then those of the changed distribution, the one the search ranks by.
+
+Sampling draws each word from the distribution raised to the power ``1 / temperature`` (computed
+in float64 after subtracting the row's maximum, so any temperature above 0 works; a tiny one picks
+the likeliest word, as greedy search does, or one of the words tied with it). ``top_k = k`` draws
+among exactly k words, ties at the k-th broken towards the lower word id. With ``n_best > 1`` the
+samples are distinct captions (``distinct``, the default): a repeat is drawn again, in up to
+``DISTINCT_SAMPLE_ROUNDS`` rounds of ``n_best`` draws per image, after which an image whose model
+offers fewer captions keeps fewer.
+
+Randomness: ``search`` takes either one generator, which all rows share (the draws of an image then
+depend on the others in its batch), or one generator per image. ``sampling_generators(seed,
+indices)`` makes the latter from a seed and each image's index in the caller's input; an image's
+draws come only from its own generator, in an order fixed by its own search, so the same seed, the
+same image at the same index, the same options and the same model on the same device sample the
+same captions whatever batch the image is grouped into. (Batches of different sizes may round the
+model's arithmetic differently in the last bits; a draw could change only where that moves a
+probability across the random number drawn, which the tests have not seen happen.)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +50,13 @@ from captioner.errors import OptionError
 from captioner.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 NEVER_SAID = [PAD_ID, START_ID, UNK_ID]
+DISTINCT_SAMPLE_ROUNDS = 5  # rounds of n_best draws per image before distinct sampling settles for fewer
+_UINT64 = (1 << 64) - 1
+
+# One generator shared by every row, or one per image of the batch (see ``sampling_generators``).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+# A row picker: (log-probabilities (N, V), the row of the search each of them is (N,)) -> words (N,).
+Pick = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,7 @@ class SearchOptions:
     top_k: int = 0
     no_repeat_ngram_size: int = 0  # 0: off
     repetition_penalty: float = 1.0  # 1: off
+    distinct: bool = True  # sampling with n_best > 1: no caption twice among an image's samples
 
     def __post_init__(self) -> None:
         # Types first: a float beam or a string penalty would otherwise pass the range checks or fail
@@ -67,8 +92,10 @@ class SearchOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise OptionError(f"{name} must be a finite number, not {value!r}")
-        if not isinstance(self.sample, bool):
-            raise OptionError(f"sample must be true or false, not {self.sample!r}")
+        for name in ("sample", "distinct"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise OptionError(f"{name} must be true or false, not {value!r}")
         if not 1 <= self.beam_size <= 50:
             raise OptionError("beam_size must be an integer from 1 to 50", code="invalid_option")
         if not 1 <= self.max_length <= 200:
@@ -91,34 +118,112 @@ def search(
     decoder: Decoder,
     features: torch.Tensor,
     options: SearchOptions,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> list[list[Hypothesis]]:
-    """Dispatch on the options: sampling, greedy (beam size 1) or beam search; ``features`` (B, R, C)."""
+    """Dispatch on the options: sampling, greedy (beam size 1) or beam search; ``features`` (B, R, C).
+    ``generator`` (sampling only): one shared by all rows, or one per image (``sampling_generators``)."""
     if options.sample:
-        pick = _sampler(options.temperature, options.top_k, generator)
-        found = _search_one_path(decoder, features, options, pick, copies=options.n_best)
-        per_image = [found[i : i + options.n_best] for i in range(0, len(found), options.n_best)]
-        return [sorted((h for [h] in group), key=lambda h: -h.score) for group in per_image]
+        return _sample(decoder, features, options, generator)
     if options.beam_size == 1:
         return _search_one_path(decoder, features, options, _argmax)
     return beam_search(decoder, features, options)
 
 
-def _argmax(log_probs: torch.Tensor) -> torch.Tensor:
+def image_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of the image at ``index`` of a call seeded ``seed``: SplitMix64 of the pair,
+    so that nearby seeds and indices start unrelated random streams."""
+
+    def mix(value: int) -> int:
+        value = (value + 0x9E3779B97F4A7C15) & _UINT64
+        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _UINT64
+        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _UINT64
+        return value ^ (value >> 31)
+
+    return mix((mix(seed & _UINT64) + index) & _UINT64)
+
+
+def sampling_generators(seed: int, indices: Iterable[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image, for the images at ``indices`` of the caller's input, seeded from
+    ``seed`` and the index: an image samples alike whichever batch it is searched in."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise OptionError(f"seed must be an integer, not {seed!r}")
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, index)) for index in indices]
+
+
+def _argmax(log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return log_probs.argmax(dim=1)
 
 
-def _sampler(
-    temperature: float, top_k: int, generator: torch.Generator | None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    def pick(log_probs: torch.Tensor) -> torch.Tensor:
-        scaled = log_probs / temperature  # (N, V)
-        if top_k > 0 and top_k < scaled.shape[1]:
-            threshold = scaled.topk(top_k, dim=1).values[:, -1:]  # (N, 1)
-            scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
-        return torch.multinomial(scaled.softmax(dim=1), 1, generator=generator).squeeze(1)  # (N,)
+def _sample(
+    decoder: Decoder, features: torch.Tensor, options: SearchOptions, generator: Generators
+) -> list[list[Hypothesis]]:
+    """``n_best`` samples per image, best first; distinct ones (``options.distinct``) by drawing again
+    for the images still short of them, each from its own generator where there is one per image."""
+    n_images, copies = features.shape[0], options.n_best
+    per_image = generator is not None and not isinstance(generator, torch.Generator)
+    if per_image and len(generator) != n_images:
+        raise ValueError(f"{len(generator)} generators for {n_images} images: give one per image")
+    kept: list[list[Hypothesis]] = [[] for _ in range(n_images)]
+    said: list[set[tuple[int, ...]]] = [set() for _ in range(n_images)]
+    short = list(range(n_images))  # images with fewer than n_best samples
+    rounds = DISTINCT_SAMPLE_ROUNDS if options.distinct and copies > 1 else 1
+    for _ in range(rounds):
+        generators = [generator[i] for i in short] if per_image else generator
+        subset = features if len(short) == n_images else features[torch.tensor(short, device=features.device)]
+        pick = _sampler(options.temperature, options.top_k, generators, copies)
+        found = _search_one_path(decoder, subset, options, pick, copies=copies)
+        for position, image in enumerate(short):
+            for [hypothesis] in found[position * copies : (position + 1) * copies]:
+                words = tuple(hypothesis.tokens)
+                if len(kept[image]) < copies and not (options.distinct and words in said[image]):
+                    kept[image].append(hypothesis)
+                    said[image].add(words)
+        short = [image for image in short if len(kept[image]) < copies]
+        if not short:
+            break
+    return [sorted(hypotheses, key=lambda h: -h.score) for hypotheses in kept]
+
+
+def _sampler(temperature: float, top_k: int, generator: Generators, rows_per_image: int) -> Pick:
+    """Draws a word per row; with one generator per image, each image's rows draw from their own."""
+
+    def pick(log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        probs = _sampling_log_weights(log_probs, temperature, top_k).softmax(dim=1)  # (N, V) float64
+        if generator is None or isinstance(generator, torch.Generator):
+            return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
+        # Rows are image-major and stay in order as they end, so each image's rows are consecutive.
+        images, counts = torch.unique_consecutive(rows // rows_per_image, return_counts=True)
+        draws = [
+            torch.multinomial(part, 1, generator=generator[image])
+            for image, part in zip(images.tolist(), probs.split(counts.tolist()), strict=True)
+        ]
+        return torch.cat(draws).squeeze(1)  # (N,)
 
     return pick
+
+
+def _sampling_log_weights(log_probs: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """Log-weights (N, V) of ``log_probs`` sharpened or flattened by ``temperature``, outside the
+    ``top_k`` words -inf. In float64 after subtracting the row's maximum, and divided rather than
+    multiplied by 1/T (which overflows): the likeliest word stays at 0 for any T > 0, so softmax
+    never sees a row without a finite entry."""
+    log_probs = log_probs.double()
+    if 0 < top_k < log_probs.shape[1]:
+        log_probs = _keep_top_k(log_probs, top_k)
+    best = log_probs.max(dim=1, keepdim=True).values  # (N, 1) finite: <end> is always possible
+    return (log_probs - best) / temperature
+
+
+def _keep_top_k(log_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """``log_probs`` (N, V) with all but exactly ``k`` words per row at -inf: the words above the
+    k-th value, then the lowest ids among those equal to it (``topk`` alone leaves the choice among
+    ties unspecified; a threshold alone keeps every tied word)."""
+    threshold = log_probs.topk(k, dim=1).values[:, -1:]  # (N, 1)
+    above = log_probs > threshold
+    tied = log_probs == threshold
+    room = k - above.sum(dim=1, keepdim=True)  # (N, 1) tied words that still fit
+    keep = above | (tied & (tied.cumsum(dim=1) <= room))
+    return log_probs.masked_fill(~keep, float("-inf"))
 
 
 def _discourage_repeats(logits: torch.Tensor, generated: torch.Tensor, options: SearchOptions) -> None:
@@ -188,7 +293,7 @@ def _search_one_path(
     decoder: Decoder,
     features: torch.Tensor,
     options: SearchOptions,
-    pick: Callable[[torch.Tensor], torch.Tensor],
+    pick: Pick,
     copies: int = 1,
 ) -> list[list[Hypothesis]]:
     """One hypothesis per row, extended by ``pick`` (argmax for greedy, a draw for sampling); each
@@ -206,7 +311,7 @@ def _search_one_path(
         log_probs, state, alpha = _next_log_probs(
             decoder, tokens, state, memory, t == options.max_length, generated, options
         )
-        tokens = pick(log_probs)  # (N,)
+        tokens = pick(log_probs, active)  # (N,)
         generated = torch.cat([generated, tokens.unsqueeze(1)], dim=1)  # (N, t+1)
         chosen = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (N,)
         ended = tokens == END_ID  # (N,)

@@ -18,9 +18,10 @@ input paths must be readable at the same absolute paths on every node (a shared 
 captioner must be installed there; inputs may also be URIs that pyarrow's file systems read
 (``s3://``, ``gs://``, ``file://``, with their extras installed).
 
-Sampling (``--sample --seed S``): every actor seeds its own generator with S, and which images an
-actor gets depends on timing, so sampled captions are not reproducible with this engine; greedy and
-beam search give the same captions as the local engine.
+Sampling (``--sample --seed S``): each image samples from its own generator, seeded from S and the
+image's index, its position among the inputs as the local engine numbers them (``indices``; for a
+Dataset without an "index" column, a CRC-32 of its path), so the samples are the local engine's
+whatever actor or batch the image lands in.
 
 Ray is imported lazily: the default install and the local engine do not need it.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +142,8 @@ def _decode_batch(
     """A decode task: paths (and bytes, when the dataset has them) -> uint8 pixels or error columns."""
     paths = [str(path) for path in batch["path"]]
     contents = batch.get("bytes")
+    # The image's index seeds its samples (see the module's docstring).
+    indices = batch["index"] if "index" in batch else np.array([zlib.crc32(p.encode()) for p in paths])
     size = preprocessing.image_size
     pixels = np.zeros((len(paths), size, size, 3), dtype=np.uint8)  # a failed image's row stays black
     codes, messages = [""] * len(paths), [""] * len(paths)
@@ -149,7 +153,8 @@ def _decode_batch(
             pixels[row] = preprocessing.resize(load_image(source, max_pixels=max_pixels, min_size=size))
         except ImageError as error:
             codes[row], messages[row] = error.code, error.message
-    return {"path": np.array(paths, dtype=object), "pixels": pixels, "error_code": np.array(codes, dtype=object),
+    return {"path": np.array(paths, dtype=object), "index": indices.astype(np.int64), "pixels": pixels,
+            "error_code": np.array(codes, dtype=object),
             "error_message": np.array(messages, dtype=object)}  # fmt: skip
 
 
@@ -163,10 +168,13 @@ class CaptionActor:
             torch.set_num_threads(threads)
         self.captioner = Captioner.from_pretrained(model_dir, device=device)
         options = self.captioner.search_options(**search)
-        self.caption_batch = _batch_captioner(self.captioner, options, seed, None, {})
+        self.input_index: dict[str, int] = {}  # the indices of the batch in hand, for per-image seeds
+        self.caption_batch = _batch_captioner(self.captioner, options, seed, self.input_index, None, {})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         paths = [str(path) for path in batch["path"]]
+        self.input_index.clear()
+        self.input_index.update(zip(paths, (int(index) for index in batch["index"]), strict=True))
         codes, messages = batch["error_code"], batch["error_message"]
         decoded = [row for row in range(len(paths)) if not codes[row]]
         records: list[Record] = [
@@ -192,6 +200,7 @@ def caption_dataset(
     seed: int | None = None,
     plan: RayPlan | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    indices: Sequence[int] | None = None,
 ) -> Any:
     """A Ray Dataset of records, one per input: the columns of ``parquet_output.record_schema()``
     (``records_of`` turns a batch of it into ``Record``s). Lazy: nothing runs until it is consumed.
@@ -199,7 +208,8 @@ def caption_dataset(
     ``source`` is a list of paths or URIs, or a Ray Dataset with a "path" column (and a "bytes" column to
     decode instead of reading the path, as ``ray.data.read_binary_files(..., include_paths=True)``
     gives). ``search`` holds the search options as ``Captioner.search_options`` takes them (None: the
-    model's). Connects to Ray first if this process is not connected (``start_ray``)."""
+    model's). ``indices`` numbers the paths for per-image seeds (default: their positions). Connects to
+    Ray first if this process is not connected (``start_ray``)."""
     ray = require_ray()
     plan = plan or RayPlan()
     search = search or {}
@@ -218,7 +228,9 @@ def caption_dataset(
             raise OptionError("no inputs to caption")
         # One decode task per batch of paths: small blocks keep the stages streaming and bound what a kill loses.
         blocks = max(1, -(-len(paths) // plan.batch_size))
-        dataset = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=blocks)
+        numbers = list(indices) if indices is not None else list(range(len(paths)))
+        rows = [{"path": path, "index": index} for path, index in zip(paths, numbers, strict=True)]
+        dataset = ray.data.from_items(rows, override_num_blocks=blocks)
 
     resources = ray.cluster_resources()
     node_cpus = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
@@ -266,6 +278,7 @@ def caption_paths(
     search: dict[str, Any] | None = None,
     seed: int | None = None,
     plan: RayPlan | None = None,
+    indices: Sequence[int] | None = None,
 ) -> Summary:
     """Caption ``paths`` on Ray and write their records to ``output`` (already resumed) as they come.
 
@@ -275,7 +288,7 @@ def caption_paths(
     started = time.monotonic()
     if paths:
         start_ray(address)
-        dataset = caption_dataset(paths, model_dir, search=search, seed=seed, plan=plan)
+        dataset = caption_dataset(paths, model_dir, search=search, seed=seed, plan=plan, indices=indices)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             records = records_of(batch)
             output.write(records)

@@ -226,3 +226,32 @@ def test_default_model_directory_follows_the_environment(monkeypatch: pytest.Mon
     assert Captioner.from_pretrained(device="cpu").info.name == "tiny-test"
     monkeypatch.delenv(MODEL_DIR_VARIABLE)
     assert default_model_dir().parts[-2:] == ("weights", "default")
+
+
+def test_a_seed_reproduces_each_image_whatever_its_batch(captioner: Captioner) -> None:
+    images = [photo(seed=i) for i in range(5)]
+    options = {"sample": True, "temperature": 2.0, "n_best": 2, "seed": 5}
+
+    def captions(results: list[CaptionResult]) -> list[list[str]]:
+        return [[c.caption for c in result.n_best] for result in results]
+
+    whole = captions(captioner.caption(images, **options))
+    assert captions(captioner.caption(images, batch_size=2, **options)) == whole
+    assert captions(captioner.caption(images, batch_size=1, **options)) == whole
+    assert captions(captioner.caption(images[:1], **options)) == whole[:1]
+    assert captions(captioner.caption(images[:3], **options)) == whole[:3]
+    assert [c.caption for c in captioner.caption(images[0], **options).n_best] == whole[0]
+    assert captions(captioner.caption(images, **{**options, "seed": 6})) != whole
+
+
+def test_a_tiny_temperature_samples_as_greedy_search_does(captioner: Captioner) -> None:
+    images = [photo(seed=i) for i in range(3)]
+    greedy = captioner.caption(images, beam_size=1)
+    sampled = captioner.caption(images, sample=True, temperature=1e-45, seed=0)
+    assert [r.caption for r in sampled] == [r.caption for r in greedy]
+
+
+@pytest.mark.parametrize("seed", [1.5, True, "3"])
+def test_a_seed_that_is_not_an_integer_is_refused(captioner: Captioner, seed: object) -> None:
+    with pytest.raises(OptionError, match="seed"):
+        captioner.caption(photo(), sample=True, seed=seed)

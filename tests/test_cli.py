@@ -607,7 +607,7 @@ def test_background_decoding_writes_the_records_of_decoding_in_place(
             summary = run_batches(
                 paths,
                 decode=cli._decoder(captioner, keep_image=False),
-                caption_batch=cli._batch_captioner(captioner, options, None, None, {}),
+                caption_batch=cli._batch_captioner(captioner, options, None, {}, None, {}),
                 output=output,
                 batch_size=3,  # failures fall between and within batches
                 workers=workers,
@@ -628,3 +628,28 @@ def test_background_decoding_writes_the_records_of_decoding_in_place(
         "huge.png": "too_many_pixels",
     }
     assert records_file(workers) == in_place
+
+
+def test_a_seed_samples_each_image_alike_whatever_the_batch_size_or_shard(tmp_path: Path, tiny_model_dir: Path) -> None:
+    write_noise_pngs(tmp_path / "imgs", 6, size=16)
+    sampling = ["caption", "imgs", "--model", str(tiny_model_dir), "--sample", "--temperature", "3", "--seed", "4"]
+    sampling += ["--max-length", "8", "--workers", "2", "--n-best", "2"]
+    results = run_side_by_side(
+        [
+            [*CLI, *sampling, "--batch-size", "4", "--output", "batch4.jsonl"],
+            [*CLI, *sampling, "--batch-size", "1", "--output", "batch1.jsonl"],
+            [*CLI, *sampling, "--batch-size", "4", "--shard", "1/2", "--output", "shard.jsonl"],
+        ],
+        tmp_path,
+    )
+    assert all(result.returncode == 0 for result in results), [result.stderr for result in results]
+
+    def samples(name: str) -> dict[str, list[str]]:
+        return {r["path"]: [c["caption"] for c in r["n_best"]] for r in jsonl_records(tmp_path / name)}
+
+    by_path = samples("batch4.jsonl")
+    assert samples("batch1.jsonl") == by_path
+    shard = samples("shard.jsonl")
+    assert shard and len(shard) < len(by_path)
+    assert shard == {path: by_path[path] for path in shard}
+    assert len({tuple(captions) for captions in by_path.values()}) > 1

@@ -274,3 +274,99 @@ def test_sampling_n_best_returns_that_many_sorted_samples() -> None:
 def test_bad_options_raise_option_error(kwargs: dict, word: str) -> None:
     with pytest.raises(OptionError, match=word):
         SearchOptions(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324, 1e-3])
+def test_a_tiny_temperature_samples_the_likeliest_word_instead_of_failing(temperature: float) -> None:
+    decoder = make_decoder(end_bias=1.0)
+    options = SearchOptions(sample=True, temperature=temperature, max_length=10)
+    with torch.no_grad():
+        sampled = search(decoder, features(6), options, torch.Generator().manual_seed(0))
+        greedy = search(decoder, features(6), SearchOptions(beam_size=1, max_length=10))
+    assert [h[0].tokens for h in sampled] == [h[0].tokens for h in greedy]
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"n_best": 1.5, "sample": True}, "n_best"),
+        ({"beam_size": 3.0}, "beam_size"),
+        ({"top_k": True}, "top_k"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"distinct": 1}, "distinct"),
+    ],
+)
+def test_options_of_the_wrong_type_raise_option_error(kwargs: dict, word: str) -> None:
+    with pytest.raises(OptionError, match=word):
+        SearchOptions(**kwargs)
+
+
+def test_a_seed_gives_each_image_its_own_samples_whatever_the_batch() -> None:
+    decoder = make_decoder(end_bias=1.0)
+    images = features(6)
+    options = SearchOptions(sample=True, temperature=1.5, max_length=10, n_best=2)
+    with torch.no_grad():
+        whole = search(decoder, images, options, decoding.sampling_generators(7, range(6)))
+        alone = [search(decoder, images[i : i + 1], options, decoding.sampling_generators(7, [i]))[0] for i in range(6)]
+        middle = search(decoder, images[2:5], options, decoding.sampling_generators(7, range(2, 5)))
+        other_seed = search(decoder, images, options, decoding.sampling_generators(8, range(6)))
+    tokens = [[h.tokens for h in hyps] for hyps in whole]
+    assert tokens == [[h.tokens for h in hyps] for hyps in alone]
+    assert tokens[2:5] == [[h.tokens for h in hyps] for hyps in middle]
+    assert tokens != [[h.tokens for h in hyps] for hyps in other_seed]
+
+
+def test_one_image_at_several_positions_gets_different_samples() -> None:
+    decoder = make_decoder(end_bias=1.0)
+    options = SearchOptions(sample=True, temperature=1.5, max_length=10)
+    with torch.no_grad():
+        found = search(decoder, features(1).expand(8, 9, 12), options, decoding.sampling_generators(3, range(8)))
+    assert len({tuple(h[0].tokens) for h in found}) > 3, "each position draws from its own stream"
+
+
+def test_top_k_draws_from_exactly_k_words_when_words_tie() -> None:
+    decoder = make_decoder()
+    with torch.no_grad():
+        decoder.output.weight.zero_()
+        decoder.output.bias.zero_()  # every word equally likely: all of them tie with the k-th
+        found = search(
+            decoder, features(64), SearchOptions(sample=True, top_k=3, max_length=1), torch.Generator().manual_seed(0)
+        )
+    first_words = {hyps[0].tokens[0] for hyps in found}
+    allowed = [word for word in range(40) if word not in decoding.NEVER_SAID]
+    assert first_words == set(allowed[:3]), "ties are broken by the word's index: the k lowest"
+
+
+def test_sampled_n_best_are_distinct_captions_unless_repeats_are_allowed() -> None:
+    decoder = make_decoder(end_bias=3.0)  # short, predictable captions: repeats are likely
+    images = features(4)
+    with torch.no_grad():
+        distinct = search(
+            decoder, images, SearchOptions(sample=True, n_best=6), decoding.sampling_generators(0, range(4))
+        )
+        repeats = search(
+            decoder,
+            images,
+            SearchOptions(sample=True, n_best=6, distinct=False),
+            decoding.sampling_generators(0, range(4)),
+        )
+    for hyps in distinct:
+        assert len(hyps) == 6 and len({tuple(h.tokens) for h in hyps}) == 6
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert any(len({tuple(h.tokens) for h in hyps}) < 6 for hyps in repeats), "the test needs repeats to be likely"
+
+
+def test_distinct_samples_stop_short_when_the_model_offers_fewer_captions() -> None:
+    decoder = make_decoder(end_bias=1.0)
+    options = SearchOptions(sample=True, top_k=1, n_best=3, max_length=10)  # top-1 sampling: one caption only
+    with torch.no_grad():
+        found = search(decoder, features(2), options, decoding.sampling_generators(0, range(2)))
+        greedy = search(decoder, features(2), SearchOptions(beam_size=1, max_length=10))
+    assert [[h.tokens for h in hyps] for hyps in found] == [[h[0].tokens] for h in greedy]
+
+
+def test_image_seeds_differ_for_nearby_seeds_and_positions() -> None:
+    seeds = {decoding.image_seed(seed, index) for seed in range(-3, 30) for index in range(30)}
+    assert len(seeds) == 33 * 30 and all(0 <= s < 2**64 for s in seeds)

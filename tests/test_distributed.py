@@ -226,3 +226,21 @@ def test_the_local_engine_writes_parquet_too(tmp_path: Path, tiny_model_dir: Pat
     assert sorted(record.path for record in parquet_records(tmp_path / "out")) == [
         f"imgs/img{i:04d}.png" for i in range(5)
     ]
+
+
+def test_a_seed_samples_each_image_as_the_local_engine_does(
+    ray_address: str, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_noise_pngs(tmp_path / "imgs", 12, size=16)
+    monkeypatch.chdir(tmp_path)
+    common = ["caption", "imgs", "--model", str(tiny_model_dir), "--sample", "--temperature", "3", "--seed", "7"]
+    common += ["--max-length", "6", "--n-best", "2", "--batch-size", "5"]
+    assert cli.main([*common, "--output", "local.jsonl"]) == cli.EXIT_OK
+    assert cli.main([*common, "--output", "ray.jsonl", "--engine", "ray", "--actors", "1"]) == cli.EXIT_OK
+
+    def samples(name: str) -> dict[str, list[str]]:
+        return {r["path"]: [c["caption"] for c in r["n_best"]] for r in jsonl_records(tmp_path / name)}
+
+    local = samples("local.jsonl")
+    assert samples("ray.jsonl") == local and len(local) == 12
+    assert len({tuple(captions) for captions in local.values()}) > 1  # the images' own draws, not one shared

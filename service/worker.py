@@ -302,6 +302,7 @@ class RequestBufferingWorker(ThreadWorker):
     def handle_request(self, req: Any, conn: TConn) -> bool:
         if conn in self.close_after:
             req.must_close = True  # its body was not read: the connection cannot carry another request
-        if conn in self.continued:
-            req._expected_100_continue = False  # the event loop sent it already
+        if conn in self.close_after or conn in self.continued:
+            # Sent already by the event loop, or not to be sent: a refused request's body is not wanted.
+            req._expected_100_continue = False
         return super().handle_request(req, conn)

@@ -105,6 +105,20 @@ def test_expect_100_continue_is_answered_before_the_body(server: Server) -> None
     assert answer.count(b"100 Continue") == 1  # the worker's thread does not send a second one
 
 
+def test_a_request_refused_from_its_headers_gets_no_100_continue(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = Server(tiny_model_dir, tmp_path / "server.log", api_key="sesame")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            raw.sendall(predict_head(5000, "Expect: 100-continue\r\n"))  # no key, and the body never comes
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert b"100 Continue" not in answer
+    finally:
+        server.stop()
+
+
 def test_pipelined_requests_on_one_connection_are_all_answered(server: Server) -> None:
     image = png()
     one = b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n" % len(image)

@@ -55,7 +55,7 @@ class InputError(CaptionerError):
 # ----------------------------------------------------------------------------------------------- inputs
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -65,7 +65,7 @@ def _folder_images(folder: str, recursive: bool) -> list[str]:
     found = []
     for root, folders, files in os.walk(folder, onerror=_warn_unlistable):
         folders[:] = [name for name in folders if not name.startswith(".")] if recursive else []
-        found.extend(os.path.join(root, name) for name in files if not name.startswith(".") and _is_image_name(name))
+        found.extend(os.path.join(root, name) for name in files if not name.startswith(".") and is_image_name(name))
     return found
 
 

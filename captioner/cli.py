@@ -290,7 +290,7 @@ def _caption_command(args: argparse.Namespace) -> int:
                 "--n-best above 1 needs --output FILE.jsonl or DIR/*.parquet "
                 "(CSV and stdout hold one caption per image)"
             )
-        paths = list_inputs(args.paths, args.recursive)
+        paths = _list_arguments(args)
         if not paths:
             raise InputError(
                 f"no images found in {' '.join(args.paths)} (extensions: jpg jpeg png gif bmp webp tif tiff)"
@@ -345,6 +345,20 @@ def _caption_command(args: argparse.Namespace) -> int:
     summary.skipped = len(done)
     print(_summary_line(summary, args.output), file=sys.stderr)
     return EXIT_IMAGES_FAILED if summary.failed else EXIT_OK
+
+
+def _list_arguments(args: argparse.Namespace) -> list[str]:
+    """The inputs the PATH arguments name; with ``--engine ray`` also URIs (``s3://``, ``file://``...),
+    which the Ray engine reads through pyarrow's file systems."""
+    uris = [argument for argument in args.paths if "://" in argument]
+    if uris and args.engine != "ray":
+        raise InputError(f"{uris[0]!r} is a URI: only --engine ray reads URIs; the local engine reads files")
+    paths = list_inputs([argument for argument in args.paths if "://" not in argument], args.recursive)
+    if uris:
+        from captioner.distributed import list_uris
+
+        paths += [name for uri in uris for name in list_uris(uri, args.recursive)]
+    return paths
 
 
 def _caption_on_ray(

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from captioner.api import Captioner, default_model_dir
-from captioner.batch import Decoded, Output, Progress, Record, Summary
+from captioner.batch import Decoded, InputError, Output, Progress, Record, Summary, is_image_name
 from captioner.checkpoint import read_info
 from captioner.decoding import SearchOptions
 from captioner.encoder import Preprocessing
@@ -119,6 +119,26 @@ def start_ray(address: str | None = None) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ stages
+
+
+def list_uris(uri: str, recursive: bool = False) -> list[str]:
+    """The images a URI names, through pyarrow's file systems: the file itself, or a folder's images
+    (by extension, as for local folders; ``recursive`` descends), as URIs of the same scheme, sorted."""
+    from pyarrow import fs
+
+    scheme = uri.split("://", 1)[0]
+    try:
+        filesystem, inner = fs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(inner)
+        if info.type == fs.FileType.File:
+            return [uri]
+        if info.type != fs.FileType.Directory:
+            raise InputError(f"no such file or folder: {uri!r}")
+        found = filesystem.get_file_info(fs.FileSelector(inner, recursive=recursive))
+    except (OSError, ValueError) as error:  # pyarrow's errors derive from these
+        raise InputError(f"cannot list {uri!r}: {error}") from None
+    names = (f"{scheme}://{entry.path}" for entry in found if entry.type == fs.FileType.File)
+    return sorted(name for name in names if is_image_name(name.rsplit("/", 1)[-1]))
 
 
 def _read_source(path: str, working_dir: str) -> ImageSource:

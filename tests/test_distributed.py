@@ -244,3 +244,21 @@ def test_a_seed_samples_each_image_as_the_local_engine_does(
     local = samples("local.jsonl")
     assert samples("ray.jsonl") == local and len(local) == 12
     assert len({tuple(captions) for captions in local.values()}) > 1  # the images' own draws, not one shared
+
+
+def test_the_cli_lists_and_reads_uri_folders_on_ray(
+    ray_address: str, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    write_noise_pngs(tmp_path / "imgs", 5, size=16)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    monkeypatch.chdir(tmp_path)
+    common = ["caption", "--model", str(tiny_model_dir), *SEARCH]
+    assert cli.main([*common, "imgs", "--output", "local.jsonl"]) == cli.EXIT_OK
+    uri = (tmp_path / "imgs").as_uri()
+    assert cli.main([*common, uri, "--output", "local-uri.jsonl"]) == cli.EXIT_USAGE  # files only, locally
+    assert "only --engine ray reads URIs" in capsys.readouterr().err
+    assert cli.main([*common, uri, "--output", "ray.jsonl", "--engine", "ray", "--actors", "1"]) == cli.EXIT_OK
+    local = {Path(r["path"]).name: r["caption"] for r in jsonl_records(tmp_path / "local.jsonl")}
+    distributed = {r["path"]: r["caption"] for r in jsonl_records(tmp_path / "ray.jsonl")}
+    assert all(path.startswith("file:///") for path in distributed) and len(distributed) == 5
+    assert {path.rsplit("/", 1)[-1]: caption for path, caption in distributed.items()} == local

@@ -588,6 +588,14 @@ class Summary:
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # error code -> count
 
+    def count(self, records: Sequence[Record]) -> None:
+        for record in records:
+            if record.ok:
+                self.captioned += 1
+            else:
+                self.failed += 1
+                self.errors[record.error_code or ""] = self.errors.get(record.error_code or "", 0) + 1
+
 
 def run_batches(
     paths: Sequence[str],
@@ -615,12 +623,7 @@ def run_batches(
         records = [record for _, record in sorted(numbered + failed, key=lambda pair: pair[0])]
         output.write(records)
         progress.update(records)
-        for record in records:
-            if record.ok:
-                summary.captioned += 1
-            else:
-                summary.failed += 1
-                summary.errors[record.error_code or ""] = summary.errors.get(record.error_code or "", 0) + 1
+        summary.count(records)
         ready.clear()
         failed.clear()
 

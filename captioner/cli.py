@@ -337,13 +337,22 @@ def _caption_command(args: argparse.Namespace) -> int:
             progress=progress,
         )
     except OSError as error:
-        where = error.filename or args.output or "the output"
-        return _fail(EXIT_OUTPUT, f"cannot write {where}: {error.strerror or error}")
+        return _cannot_write(error, args.output)
     finally:
         progress.close()
         output.close()
-    summary.skipped = len(done)
-    print(_summary_line(summary, args.output), file=sys.stderr)
+    return _finished(summary, len(done), args.output)
+
+
+def _cannot_write(error: OSError, output_name: str | None) -> int:
+    where = error.filename or output_name or "the output"
+    return _fail(EXIT_OUTPUT, f"cannot write {where}: {error.strerror or error}")
+
+
+def _finished(summary: Summary, already_done: int, output_name: str | None) -> int:
+    """Print the run's summary line; returns the exit status it earns."""
+    summary.skipped = already_done
+    print(_summary_line(summary, output_name), file=sys.stderr)
     return EXIT_IMAGES_FAILED if summary.failed else EXIT_OK
 
 
@@ -395,14 +404,11 @@ def _caption_on_ray(
     except OptionError as error:
         return _fail(EXIT_USAGE, str(error))
     except OSError as error:
-        where = error.filename or args.output or "the output"
-        return _fail(EXIT_OUTPUT, f"cannot write {where}: {error.strerror or error}")
+        return _cannot_write(error, args.output)
     finally:
         progress.close()
         output.close()
-    summary.skipped = len(done)
-    print(_summary_line(summary, args.output), file=sys.stderr)
-    return EXIT_IMAGES_FAILED if summary.failed else EXIT_OK
+    return _finished(summary, len(done), args.output)
 
 
 Pixels = tuple[torch.Tensor, Image.Image | None]

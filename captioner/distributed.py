@@ -313,11 +313,6 @@ def caption_paths(
             records = records_of(batch)
             output.write(records)
             progress.update(records)
-            for record in records:
-                if record.ok:
-                    summary.captioned += 1
-                else:
-                    summary.failed += 1
-                    summary.errors[record.error_code or ""] = summary.errors.get(record.error_code or "", 0) + 1
+            summary.count(records)
     summary.seconds = time.monotonic() - started
     return summary

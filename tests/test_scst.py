@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 from captioner.checkpoint import load_model, read_info
 from captioner.decoding import SearchOptions, search
+from captioner.vocab import END_ID
 from tests.conftest import make_model_dir
 from training.metrics import cider_d_per_image
-from training.scst import Rewards, advantages, caption_batch, sequence_log_probs
+from training.scst import Rewards, advantages, caption_batch, sample_captions, sequence_log_probs
 from training.train import TeacherForced
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,15 @@ def test_baselines_greedy_and_mean_of_the_other_samples() -> None:
     # Sample 0 of image 0 against the mean of samples 1 and 2, (2 + 3) / 2, and so on.
     expected = torch.tensor([[1.0 - 2.5, 2.0 - 2.0, 3.0 - 1.5], [0.0 - 3.0, 0.0 - 3.0, 6.0 - 0.0]])
     assert torch.allclose(advantages(rewards, "mean", None), expected)
+
+
+def test_samples_are_independent_draws_repeats_included(tmp_path) -> None:
+    model, _ = load_model(make_model_dir(tmp_path / "model", seed=3))
+    model.eval()
+    with torch.no_grad():
+        model.decoder.output.bias[END_ID] = 30.0  # <end> first, almost surely: every draw is the empty caption
+    samples = sample_captions(model, torch.randn(2, 49, 1280), 5, 6, torch.Generator().manual_seed(0))
+    assert [[h.tokens for h in found] for found in samples] == [[[END_ID]] * 5] * 2
 
 
 def test_recomputed_log_probabilities_equal_the_samples_own(tmp_path) -> None:

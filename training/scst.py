@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from captioner.decoding import NEVER_SAID, SearchOptions, search
+from captioner.decoding import NEVER_SAID, Hypothesis, SearchOptions, search
 from captioner.model import CaptionModel
 from captioner.vocab import PAD_ID, START_ID, Vocabulary
 from training.metrics import CiderD
@@ -69,6 +69,16 @@ def sequence_log_probs(
     return chosen.masked_fill(targets == PAD_ID, 0.0).sum(dim=1)  # (N,)
 
 
+def sample_captions(
+    model: CaptionModel, features: torch.Tensor, k: int, max_length: int, generator: torch.Generator
+) -> list[list[Hypothesis]]:
+    """``k`` independent draws per image of ``features`` (B, R, C), repeats allowed: the policy gradient
+    needs samples from the model's own distribution, which distinct sampling would skew toward rare
+    captions."""
+    options = SearchOptions(sample=True, n_best=k, max_length=max_length, distinct=False)
+    return search(model.decoder, features, options, generator)
+
+
 def advantages(rewards: torch.Tensor, baseline: str, greedy_rewards: torch.Tensor | None) -> torch.Tensor:
     """``rewards`` (B, K) minus each image's baseline: its greedy caption's reward (B,) or, for
     ``mean``, the mean reward of its other K-1 samples."""
@@ -94,9 +104,8 @@ def scst_step(
     """One update on the training images ``images`` (B,) whose ``features`` are (B, R, C); returns the
     loss and the samples' mean reward."""
     k = tc.scst_samples
-    sampling = SearchOptions(sample=True, n_best=k, max_length=tc.scst_max_length)
     with torch.no_grad():
-        samples = search(model.decoder, features, sampling, generator)  # B lists of K hypotheses
+        samples = sample_captions(model, features, k, tc.scst_max_length, generator)  # B lists of K hypotheses
         greedy = (
             search(model.decoder, features, SearchOptions(beam_size=1, max_length=tc.scst_max_length))
             if tc.scst_baseline == "greedy"

@@ -16,11 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from captioner.checkpoint import load_model, read_info
-from captioner.decoding import SearchOptions, search
 from captioner.vocab import END_ID
 from tests.conftest import make_model_dir
 from training.metrics import cider_d_per_image
-from training.scst import Rewards, advantages, caption_batch, sample_captions, sequence_log_probs
+from training.scst import Rewards, advantages, caption_batch, sample_captions, sample_log_probs, token_log_probs
 from training.train import TeacherForced
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -68,21 +67,24 @@ def test_samples_are_independent_draws_repeats_included(tmp_path) -> None:
     assert [[h.tokens for h in found] for found in samples] == [[[END_ID]] * 5] * 2
 
 
-def test_recomputed_log_probabilities_equal_the_samples_own(tmp_path) -> None:
+def test_recomputed_log_probabilities_equal_the_samples_own_less_a_forced_end(tmp_path) -> None:
     model, _ = load_model(make_model_dir(tmp_path / "model", seed=3))
     model.eval()
     torch.manual_seed(0)
     features = torch.randn(3, 49, 1280)  # (B, R, C)
-    samples = search(
-        model.decoder, features, SearchOptions(sample=True, n_best=4, max_length=6), torch.Generator().manual_seed(1)
-    )
+    samples = sample_captions(model, features, 4, 6, torch.Generator().manual_seed(1))
     hypotheses = [h for found in samples for h in found]
-    assert any(h.truncated for h in hypotheses) or any(len(h.tokens) < 7 for h in hypotheses)
+    assert any(h.truncated for h in hypotheses) and not all(h.truncated for h in hypotheses)
     captions = caption_batch([h.tokens for h in hypotheses], features.device)  # (12, T)
-    log_prob = sequence_log_probs(TeacherForced(model, from_features=True), features, captions, per_image=4)
-    assert log_prob.requires_grad
+    per_token = token_log_probs(TeacherForced(model, from_features=True), features, captions, per_image=4)
+    assert per_token.requires_grad
     expected = torch.tensor([h.log_prob for h in hypotheses])
-    assert torch.allclose(log_prob.detach(), expected, atol=1e-4), (log_prob, expected)
+    assert torch.allclose(per_token.sum(dim=1).detach(), expected, atol=1e-4), (per_token.sum(dim=1), expected)
+    # A sample cut at max_length: its <end> was forced, not drawn, and does not count.
+    log_prob = sample_log_probs(per_token, hypotheses).detach()
+    for row, h in enumerate(hypotheses):
+        forced = per_token[row, len(h.tokens) - 1].item() if h.truncated else 0.0
+        assert log_prob[row].item() == pytest.approx(h.log_prob - forced, abs=1e-4)
 
 
 # End to end on a tiny synthetic set: a cross-entropy start, then self-critical runs from it.

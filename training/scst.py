@@ -55,18 +55,25 @@ def caption_batch(token_lists: Sequence[Sequence[int]], device: torch.device) ->
     return captions.to(device)
 
 
-def sequence_log_probs(
-    module: nn.Module, features: torch.Tensor, captions: torch.Tensor, per_image: int
-) -> torch.Tensor:
-    """log p(caption) (N,) for ``captions`` (N, T), ``per_image`` consecutive rows per image of ``features``
-    (B, R, C), summed over the words and ``<end>``, under the search's distribution."""
+def token_log_probs(module: nn.Module, features: torch.Tensor, captions: torch.Tensor, per_image: int) -> torch.Tensor:
+    """log p of each token (N, T-1) of ``captions`` (N, T), ``per_image`` consecutive rows per image of
+    ``features`` (B, R, C), under the search's distribution; 0 at padding."""
     image_of_caption = torch.arange(features.shape[0], device=features.device).repeat_interleave(per_image)  # (N,)
     logits, _ = module(features, captions, image_of_caption)  # (N, T-1, V)
     logits = logits.float()
     logits[..., NEVER_SAID] = float("-inf")  # the search never says these: not part of its distribution
     targets = captions[:, 1:]  # (N, T-1)
     chosen = logits.log_softmax(dim=2).gather(2, targets.unsqueeze(2)).squeeze(2)  # (N, T-1)
-    return chosen.masked_fill(targets == PAD_ID, 0.0).sum(dim=1)  # (N,)
+    return chosen.masked_fill(targets == PAD_ID, 0.0)
+
+
+def sample_log_probs(token_log_prob: torch.Tensor, hypotheses: Sequence[Hypothesis]) -> torch.Tensor:
+    """log p(sample) (N,): the sum of its tokens' (N, T-1), up to and including the ``<end>`` the model
+    chose. A sample cut at the length limit had its ``<end>`` forced by the search, not drawn: that one is
+    left out, or every long sample with a poor reward would teach the model to end captions less."""
+    lengths = torch.tensor([len(h.tokens) - h.truncated for h in hypotheses], device=token_log_prob.device)  # (N,)
+    positions = torch.arange(token_log_prob.shape[1], device=token_log_prob.device)  # (T-1,)
+    return (token_log_prob * (positions < lengths.unsqueeze(1))).sum(dim=1)
 
 
 def sample_captions(
@@ -125,8 +132,9 @@ def scst_step(
         else None
     )  # (B,)
     advantage = advantages(reward, tc.scst_baseline, greedy_reward).flatten().to(features.device)  # (B*K,)
-    captions = caption_batch([h.tokens for found in samples for h in found], features.device)  # (B*K, T)
-    log_prob = sequence_log_probs(module, features, captions, per_image=k)  # (B*K,)
+    hypotheses = [h for found in samples for h in found]
+    captions = caption_batch([h.tokens for h in hypotheses], features.device)  # (B*K, T)
+    log_prob = sample_log_probs(token_log_probs(module, features, captions, per_image=k), hypotheses)  # (B*K,)
     loss = -(advantage * log_prob).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

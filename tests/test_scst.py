@@ -3,12 +3,6 @@ recomputed with gradients that equal the ones the search sampled with."""
 
 from __future__ import annotations
 
-import csv
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +12,9 @@ from safetensors.torch import load_file
 from captioner.checkpoint import load_model, read_info
 from captioner.vocab import END_ID
 from tests.conftest import make_model_dir
+from tests.test_train import TINY as TRAIN_TINY
+from tests.test_train import finish, kill_at_first_checkpoint, read_csv
+from tests.test_train import start as start_training
 from training.metrics import cider_d_per_image
 from training.scst import Rewards, advantages, caption_batch, sample_captions, sample_log_probs, token_log_probs
 from training.train import TeacherForced
@@ -88,15 +85,7 @@ def test_recomputed_log_probabilities_equal_the_samples_own_less_a_forced_end(tm
 
 
 # End to end on a tiny synthetic set: a cross-entropy start, then self-critical runs from it.
-TINY = [
-    "--config", str(CONFIGS / "synthetic.toml"),
-    "--set", "encoder.fine_grid=false", "--set", "decoder.key_channels=0", "--set", "encoder.grid_size=4",
-    "--set", "decoder.embed_dim=64", "--set", "decoder.attention_dim=32", "--set", "decoder.hidden_dim=128",
-    "--set", "decoder.dropout=0.0", "--set", "train.min_word_count=1", "--set", "train.lr_patience=100",
-    "--set", "train.lr_decay_epochs=0", "--set", "train.patience=0", "--set", "train.val_beam_size=2",
-    "--workers", "0", "--no-progress",
-]  # fmt: skip
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TINY = [*TRAIN_TINY, "--set", "decoder.dropout=0.0"]
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +96,7 @@ def start(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("scst")
     dataset = generate(root / "data", count=60, seed=0, image_size=64)
     paths = {"dataset": dataset, "images": root / "data", "cache": root / "cache", "root": root}
-    run = subprocess.run(
-        [sys.executable, "-m", "training.train", *data_args(paths, root / "xe"), "--epochs", "5",
-         "--set", "train.decoder_lr=8e-3", "--set", "train.batch_size=16"],
-        cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
+    finish(start_training(data_args(paths, root / "xe", "--epochs", "5", "--set", "train.batch_size=16")), timeout=600)
     return paths
 
 
@@ -127,21 +111,12 @@ def scst_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
                      "--set", "train.decoder_lr=1e-3", "--set", "train.batch_size=8", *extra)  # fmt: skip
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as stream:
-        return list(csv.DictReader(stream))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("baseline", ["greedy", "mean"])
 def test_self_critical_training_raises_dev_cider_d(start: dict[str, Path], baseline: str) -> None:
     out = start["root"] / f"scst-{baseline}"
-    run = subprocess.run(
-        [sys.executable, "-m", "training.train", *scst_args(start, out, "--epochs", "2",
-         "--set", f"train.scst_baseline='{baseline}'")],
-        cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = start_training(scst_args(start, out, "--epochs", "2", "--set", f"train.scst_baseline='{baseline}'"))
+    finish(run, timeout=600)
     # The starting model's dev score is the cross-entropy run's last epoch's: init_from is its last/.
     started_at = float(read_csv(start["root"] / "xe" / "metrics.csv")[-1]["CIDEr"])
     rows = read_csv(out / "metrics.csv")
@@ -154,26 +129,12 @@ def test_self_critical_training_raises_dev_cider_d(start: dict[str, Path], basel
 def test_a_self_critical_run_resumed_after_sigkill_matches_an_uninterrupted_one(start: dict[str, Path]) -> None:
     common = ["--epochs", "2", "--set", "train.batch_size=4", "--checkpoint-every", "3"]
     root = start["root"]
-
-    def launch(out: Path, *extra: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "training.train", *scst_args(start, out, *common, *extra)]
-        return subprocess.Popen(command, cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
-
-    reference = launch(root / "uninterrupted")
-    killed = launch(root / "killed")
-    state_path = root / "killed" / "last.pt"
-    deadline = time.monotonic() + 240
-    while not state_path.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert killed.poll() is None, "the run ended before it could be killed:\n" + killed.communicate()[0]
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    reference = start_training(scst_args(start, root / "uninterrupted", *common))
+    killed = start_training(scst_args(start, root / "killed", *common))
+    state = kill_at_first_checkpoint(killed, root / "killed" / "last.pt")
     assert state["progress"]["step_in_epoch"] > 0 and state["progress"]["epoch"] < 2  # killed mid-epoch
-    for process in (launch(root / "killed", "--resume"), reference):
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, output
+    finish(start_training(scst_args(start, root / "killed", *common, "--resume")), timeout=600)
+    finish(reference, timeout=600)
     expected = load_file(root / "uninterrupted" / "last" / "model.safetensors")
     resumed = load_file(root / "killed" / "last" / "model.safetensors")
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)

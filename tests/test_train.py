@@ -235,6 +235,17 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> str:
     return output
 
 
+def kill_at_first_checkpoint(process: subprocess.Popen, state_path: Path) -> dict:
+    """SIGKILL a training run as soon as it has written ``state_path``; returns the state it left."""
+    deadline = time.monotonic() + 240
+    while not state_path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed:\n" + process.communicate()[0]
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    return torch.load(state_path, map_location="cpu", weights_only=True)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_set: dict[str, Path], overfit_run: Path) -> None:
     # Dropout on: the resumed run must also restore the random stream to match. The final decay over
@@ -244,14 +255,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_set: dict[s
     runs = synthetic_set["runs"]
     reference = start(run_args(synthetic_set, runs / "uninterrupted", *common))
     killed = start(run_args(synthetic_set, runs / "killed", *common))
-    state_path = runs / "killed" / "last.pt"
-    deadline = time.monotonic() + 240
-    while not state_path.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert killed.poll() is None, "the run ended before it could be killed:\n" + killed.communicate()[0]
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = kill_at_first_checkpoint(killed, runs / "killed" / "last.pt")
     assert state["progress"]["step_in_epoch"] > 0 and state["progress"]["epoch"] < 3  # killed mid-epoch
     finish(start(run_args(synthetic_set, runs / "killed", *common, "--resume")))
     finish(reference)

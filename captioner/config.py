@@ -32,9 +32,15 @@ class EncoderConfig:
     fine_grid: bool = False
 
 
+CELLS = ("lstm", "gru", "rnn")
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
-    """The attention LSTM (or GRU) decoder of Show, Attend and Tell.
+    """The attention LSTM (or GRU, or plain tanh RNN) decoder of Show, Attend and Tell.
+
+    ``cell="rnn"`` is the vanilla recurrence h_t = tanh(W x_t + U h_{t-1} + b): no gates and no additive
+    cell path, kept to show what the LSTM's gating buys (``training/configs/README.md``).
 
     ``attention="mean"`` replaces soft attention by the mean feature (the ablation that shows what
     attention buys); ``deep_output`` selects the paper's output layer L_o(E y + L_h h + L_z z) over a plain
@@ -53,7 +59,7 @@ class DecoderConfig:
     embed_dim: int = 512
     attention_dim: int = 512
     hidden_dim: int = 512
-    cell: Literal["lstm", "gru"] = "lstm"
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
     num_layers: int = 1
     dropout: float = 0.5
     deep_output: bool = True
@@ -64,8 +70,8 @@ class DecoderConfig:
     word_query: bool = False
 
     def __post_init__(self) -> None:
-        if self.cell not in ("lstm", "gru"):
-            raise ValueError(f"cell must be 'lstm' or 'gru', not {self.cell!r}")
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
         if self.attention not in ("soft", "mean"):
             raise ValueError(f"attention must be 'soft' or 'mean', not {self.attention!r}")
         if self.num_layers < 1:

@@ -1,4 +1,4 @@
-"""The Show, Attend and Tell decoder (Xu et al., 2015): soft attention over image regions + LSTM/GRU.
+"""The Show, Attend and Tell decoder (Xu et al., 2015): soft attention over image regions + LSTM/GRU/RNN.
 
 One function, ``Decoder.advance``, advances the decoder by one word. Teacher-forced training
 (``Decoder.forward``) calls it on the embedded caption, every decoding mode in ``captioner.decoding``
@@ -71,7 +71,7 @@ class Memory:
 
 @dataclass(frozen=True)
 class State:
-    """The recurrent state of every stacked layer; ``c`` is None for a GRU."""
+    """The recurrent state of every stacked layer; ``c`` is None for a GRU or a plain RNN."""
 
     h: torch.Tensor  # (L, B, H)
     c: torch.Tensor | None  # (L, B, H)
@@ -139,7 +139,7 @@ class Decoder(nn.Module):
         self.init_c = nn.Linear(C, L * H) if config.cell == "lstm" else None
         # The cells hold the weights (and their checkpoint names); ``_update`` does their math, because
         # decoding reads the first layer's input [E y_{t-1}; z_t] in two parts (see ``_first_layer_input``).
-        cell = nn.LSTMCell if config.cell == "lstm" else nn.GRUCell
+        cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[config.cell]
         self.cells = nn.ModuleList([cell(E + C if i == 0 else H, H) for i in range(L)])
         self.dropout = nn.Dropout(config.dropout)
         if config.deep_output:
@@ -152,7 +152,7 @@ class Decoder(nn.Module):
 
     @property
     def gate_count(self) -> int:
-        """G: the width of a cell's gate pre-activations (4H for an LSTM, 3H for a GRU)."""
+        """G: the width of a cell's gate pre-activations (4H for an LSTM, 3H for a GRU, H for an RNN)."""
         return self.cells[0].weight_ih.shape[0]
 
     def project_context(self, values: torch.Tensor) -> torch.Tensor:
@@ -239,7 +239,7 @@ class Decoder(nn.Module):
 
     @staticmethod
     def _update(
-        cell: nn.LSTMCell | nn.GRUCell, input_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
+        cell: nn.LSTMCell | nn.GRUCell | nn.RNNCell, input_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One layer's recurrence from its input's gate pre-activations W_i x_t + b_i (B, G)."""
         hidden_gates = F.linear(h, cell.weight_hh, cell.bias_hh)  # (B, G)
@@ -247,6 +247,8 @@ class Decoder(nn.Module):
             i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=1)  # (B, H) each
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
             return torch.sigmoid(o) * torch.tanh(c), c  # (B, H), (B, H)
+        if isinstance(cell, nn.RNNCell):  # h_t = tanh(W x_t + b_i + U h_{t-1} + b_h)
+            return torch.tanh(input_gates + hidden_gates), None  # (B, H)
         x_r, x_z, x_n = input_gates.chunk(3, dim=1)  # GRU: reset, update, new; (B, H) each
         h_r, h_z, h_n = hidden_gates.chunk(3, dim=1)
         r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)  # (B, H)

@@ -14,6 +14,7 @@ from captioner.decoding import SearchOptions, search
 VARIANTS = [
     {},
     {"cell": "gru"},
+    {"cell": "rnn"},
     {"num_layers": 2},
     {"deep_output": False},
     {"gate": False},
@@ -172,10 +173,10 @@ def test_decoding_memory_takes_the_same_steps_as_training_memory(overrides: dict
         state, training_state = step.state, expected.state
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_the_recurrence_is_that_of_torch_cells(cell: str) -> None:
     """The decoder does its cells' math itself (its first layer's input arrives in two parts); it
-    must be exactly what nn.LSTMCell and nn.GRUCell compute with the same weights."""
+    must be exactly what nn.LSTMCell, nn.GRUCell and nn.RNNCell (tanh) compute with the same weights."""
     decoder = make_decoder(cell=cell, num_layers=2, gate=False).double()
     features = torch.randn(3, 9, 12, dtype=torch.float64)
     memory, state = decoder.init_state(features)

@@ -40,6 +40,7 @@ from training.train import (
     parameter_checksum,
     shard_batches,
     train_step,
+    trainable,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -218,6 +219,21 @@ def test_only_trainable_encoder_stages_receive_gradients(fine_tune_stages: int, 
     assert len(optimizer.param_groups) == (2 if fine_tune_stages else 1)
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_a_step_reports_the_gradient_norm_it_found_and_clips_to_the_limit(grad_clip: float, one_thread: None) -> None:
+    model = tiny_model(0)
+    tc = TrainConfig(grad_clip=grad_clip)
+    optimizer = torch.optim.SGD(trainable(model), lr=0.0)  # a rate of 0 leaves the gradients to inspect
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    pixels = torch.randn(2, 3, 64, 64)
+    captions = torch.tensor([[1, 5, 6, 2, 0], [1, 7, 8, 9, 2]])
+    module = TeacherForced(model, from_features=False)
+    _, _, reported = train_step(module, model, optimizer, scaler, pixels, captions, tc, None)
+    left = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable(model)])).item()
+    assert reported > 10 * 1e-3  # the norm before clipping, not after
+    assert left == pytest.approx(grad_clip if grad_clip else reported, rel=1e-4)
+
+
 def start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "training.train", *args],
@@ -263,7 +279,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_set: dict[s
     resumed = load_file(runs / "killed" / "last" / "model.safetensors")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
-    columns = ("epoch", "global_step", "train_loss", "train_cross_entropy", "CIDEr", "decoder_lr")
+    columns = ("epoch", "global_step", "train_loss", "train_cross_entropy", "grad_norm", "grad_norm_max", "CIDEr")
+    columns += ("decoder_lr",)
     reference_rows = [[row[c] for c in columns] for row in read_csv(runs / "uninterrupted" / "metrics.csv")]
     assert [[row[c] for c in columns] for row in read_csv(runs / "killed" / "metrics.csv")] == reference_rows
     assert len(reference_rows) == 3

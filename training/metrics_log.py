@@ -24,6 +24,8 @@ CSV_COLUMNS = (
     "ROUGE_L",
     "CIDEr",
     "best_CIDEr",
+    "grad_norm",  # the epoch's mean global gradient norm before clipping
+    "grad_norm_max",
     "seconds",
 )
 
@@ -51,10 +53,12 @@ class MetricsLog:
         with self.csv_path.open(newline="", encoding="utf-8") as stream:
             return list(csv.DictReader(stream))
 
-    def step(self, step: int, loss: float, second: float, second_name: str = "cross_entropy") -> None:
-        """The step's loss and ``second``: its cross-entropy, or for self-critical training its mean reward."""
+    def step(self, step: int, loss: float, second: float, grad_norm: float, second_name: str = "cross_entropy") -> None:
+        """The step's loss, ``second`` (its cross-entropy, or for self-critical training its mean
+        reward) and its global gradient norm before clipping."""
         self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar(f"train/{second_name}", second, step)
+        self.writer.add_scalar("train/grad_norm", grad_norm, step)
 
     def epoch(self, row: dict[str, Any]) -> None:
         with self.csv_path.open("a", newline="", encoding="utf-8") as stream:

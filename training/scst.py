@@ -28,11 +28,11 @@ from captioner.decoding import NEVER_SAID, Hypothesis, SearchOptions, search
 from captioner.model import CaptionModel
 from captioner.vocab import PAD_ID, START_ID, Vocabulary
 from training.metrics import CiderD
+from training.state import Progress, clip_gradients
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
     from training.data import Data
-    from training.state import Progress
 
 
 class Rewards:
@@ -107,9 +107,9 @@ def scst_step(
     vocabulary: Vocabulary,
     tc: TrainConfig,
     generator: torch.Generator,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """One update on the training images ``images`` (B,) whose ``features`` are (B, R, C); returns the
-    loss and the samples' mean reward."""
+    loss, the samples' mean reward and the global gradient norm before clipping."""
     k = tc.scst_samples
     with torch.no_grad():
         samples = sample_captions(model, features, k, tc.scst_max_length, generator)  # B lists of K hypotheses
@@ -138,10 +138,9 @@ def scst_step(
     loss = -(advantage * log_prob).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if tc.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
+    grad_norm = clip_gradients([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
     optimizer.step()
-    return float(loss.detach()), float(reward.mean())
+    return float(loss.detach()), float(reward.mean()), grad_norm
 
 
 def train_one_epoch(
@@ -154,7 +153,7 @@ def train_one_epoch(
     progress: Progress,
     tc: TrainConfig,
     device: torch.device,
-    on_step: Callable[[float, float], None],
+    on_step: Callable[[float, float, float], None],
     show_progress: bool = True,
 ) -> tuple[float, float]:
     """Self-critical training on ``batches`` of training images from ``progress.step_in_epoch`` on, as
@@ -169,14 +168,13 @@ def train_one_epoch(
     for images, inputs in zip(remaining, data.train.iterate(remaining), strict=True):
         features = inputs.to(device).float()  # (B, R, C): self-critical runs train on cached features only
         generator = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + progress.global_step)
-        loss, reward = scst_step(module, model, optimizer, features, images, rewards, data.vocabulary, tc, generator)
-        progress.loss_sum += loss
-        progress.cross_entropy_sum += reward
-        progress.step_in_epoch += 1
-        progress.global_step += 1
+        loss, reward, grad_norm = scst_step(
+            module, model, optimizer, features, images, rewards, data.vocabulary, tc, generator
+        )
+        progress.record_step(loss, reward, grad_norm)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", reward=f"{reward:.3f}")
-        on_step(loss, reward)
+        on_step(loss, reward, grad_norm)
     bar.close()
     steps = max(1, len(batches))
     return progress.loss_sum / steps, progress.cross_entropy_sum / steps

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from captioner.checkpoint import ModelInfo, save_model
@@ -39,9 +40,30 @@ class Progress:
     stale_epochs: int = 0  # epochs since the best score last improved
     finished: bool = False
     loss_sum: float = 0.0  # over the steps of the epoch in progress
-    cross_entropy_sum: float = 0.0
+    cross_entropy_sum: float = 0.0  # for self-critical training, of the samples' mean reward
+    grad_norm_sum: float = 0.0  # the global gradient norm before clipping
+    grad_norm_max: float = 0.0
     order: torch.Tensor | None = None  # the data order of the epoch in progress
     scores: dict[str, float] = field(default_factory=dict)  # the latest val scores
+
+    def record_step(self, loss: float, second: float, grad_norm: float) -> None:
+        """Count a finished optimisation step of the epoch in progress."""
+        self.loss_sum += loss
+        self.cross_entropy_sum += second
+        self.grad_norm_sum += grad_norm
+        self.grad_norm_max = max(self.grad_norm_max, grad_norm)
+        self.step_in_epoch += 1
+        self.global_step += 1
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch, self.order = self.epoch + 1, 0, None
+        self.loss_sum = self.cross_entropy_sum = self.grad_norm_sum = self.grad_norm_max = 0.0
+
+
+def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients down to a global norm of at most ``max_norm`` (0: no clipping); returns
+    the norm they had."""
+    return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf))
 
 
 def rng_state() -> dict[str, Any]:

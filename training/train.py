@@ -68,10 +68,25 @@ from training.config import (
     load_config,
 )
 from training.data import Data, build_vocabulary, epoch_order, prepare_data, read_splits, shard_batches
-from training.distributed import Distributed, check_replicas, gather, parameter_checksum, setup_distributed
+from training.distributed import (
+    Distributed,
+    barrier,
+    check_replicas,
+    gather,
+    parameter_checksum,
+    setup_distributed,
+)
 from training.metrics import compute_metrics
 from training.metrics_log import MetricsLog
-from training.state import Progress, Trainer, git_commit, load_state, save_model_dir, save_state
+from training.state import (
+    Progress,
+    Trainer,
+    clip_gradients,
+    git_commit,
+    load_state,
+    save_model_dir,
+    save_state,
+)
 
 # The loop's own names, and those callers and tests have always imported from here.
 __all__ = [
@@ -97,6 +112,7 @@ __all__ = [
     "shard_batches",
     "train_one_epoch",
     "train_step",
+    "trainable",
 ]
 
 logger = logging.getLogger("training.train")
@@ -180,21 +196,20 @@ def train_step(
     tc: TrainConfig,
     dtype: torch.dtype | None,
     image_of_caption: torch.Tensor | None = None,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """One optimisation step on a batch of ``inputs`` (N images) and ``captions`` (B, T), caption
     ``b`` being of image ``image_of_caption[b]`` (of image ``b`` when None); returns (loss,
-    cross-entropy)."""
+    cross-entropy, global gradient norm before clipping)."""
     with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype is not None):
         logits, alphas = module(inputs, captions, image_of_caption)  # (B, T-1, V), (B, T-1, R)
     loss, cross_entropy = caption_loss(logits.float(), captions[:, 1:], alphas.float(), tc.attention_penalty)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if tc.grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        torch.nn.utils.clip_grad_norm_(trainable(model), tc.grad_clip)
+    scaler.unscale_(optimizer)  # measure and clip the true gradients, not the loss-scaled ones
+    grad_norm = clip_gradients(trainable(model), tc.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return float(loss.detach()), float(cross_entropy.detach())
+    return float(loss.detach()), float(cross_entropy.detach()), grad_norm
 
 
 def train_one_epoch(
@@ -207,7 +222,7 @@ def train_one_epoch(
     progress: Progress,
     tc: TrainConfig,
     device: torch.device,
-    on_step: Callable[[float, float], None],
+    on_step: Callable[[float, float, float], None],
     show_progress: bool = True,
 ) -> tuple[float, float]:
     """Train on ``batches`` from ``progress.step_in_epoch`` on; ``on_step`` runs after each step (logs,
@@ -230,14 +245,13 @@ def train_one_epoch(
         captions = captions[:, : int((captions != PAD_ID).sum(1).max())].to(device, non_blocking=True)
         rows = torch.from_numpy(image_of_caption.reshape(-1)).to(device)  # (B,)
         apply_final_decay(optimizer, progress, tc, len(batches))
-        loss, cross_entropy = train_step(module, model, optimizer, scaler, inputs.to(device), captions, tc, dtype, rows)
-        progress.loss_sum += loss
-        progress.cross_entropy_sum += cross_entropy
-        progress.step_in_epoch += 1
-        progress.global_step += 1
+        loss, cross_entropy, grad_norm = train_step(
+            module, model, optimizer, scaler, inputs.to(device), captions, tc, dtype, rows
+        )
+        progress.record_step(loss, cross_entropy, grad_norm)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
-        on_step(loss, cross_entropy)
+        on_step(loss, cross_entropy, grad_norm)
     bar.close()
     steps = max(1, len(batches))
     return progress.loss_sum / steps, progress.cross_entropy_sum / steps
@@ -295,11 +309,23 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     git_commit()  # the code as it is now, before a long run outlives it
     config = config_from_args(args)
     d, device = setup_distributed(config.train)
+    finished = False
     try:
-        return run(config, args, d, device)
+        scores = run(config, args, d, device)
+        finished = True
+        return scores
     finally:
         if d.enabled:
-            dist.destroy_process_group()
+            leave_process_group(d, finished)
+
+
+def leave_process_group(d: Distributed, finished: bool) -> None:
+    """Leave the process group together. A rank that finished waits for the others first: otherwise
+    the other ranks exit while rank 0 still writes the last checkpoint, and its communication threads
+    meet closed connections before the group is torn down."""
+    if finished:
+        barrier(d)
+    dist.destroy_process_group()
 
 
 def run(config: RunConfig, args: argparse.Namespace, d: Distributed, device: torch.device) -> dict[str, float]:
@@ -377,9 +403,10 @@ def run_epoch(
     batches = shard_batches(progress.order, d, tc.batch_size)
     epoch_function = scst.train_one_epoch if self_critical else train_one_epoch
 
-    def on_step(loss: float, cross_entropy: float) -> None:
+    def on_step(loss: float, cross_entropy: float, grad_norm: float) -> None:
         if log is not None and progress.global_step % tc.log_every == 0:
-            log.step(progress.global_step, loss, cross_entropy, "reward" if self_critical else "cross_entropy")
+            second = "reward" if self_critical else "cross_entropy"
+            log.step(progress.global_step, loss, cross_entropy, grad_norm, second)
         if tc.checkpoint_every and progress.global_step % tc.checkpoint_every == 0:
             save_state(out / "last.pt", trainer, progress, d)
 
@@ -422,6 +449,8 @@ def run_epoch(
             # For self-critical training, the samples' mean reward.
             "train_reward" if self_critical else "train_cross_entropy": cross_entropy,
             "best_CIDEr": progress.best_score,
+            "grad_norm": progress.grad_norm_sum / max(1, progress.step_in_epoch),
+            "grad_norm_max": progress.grad_norm_max,
             "seconds": round(time.monotonic() - started, 3),
             **learning_rates(trainer.optimizer),
         }
@@ -429,8 +458,7 @@ def run_epoch(
         if improved:
             save_model_dir(out / "best", trainer, data, progress, command)
         save_model_dir(out / "last", trainer, data, progress, command)
-    progress.epoch, progress.step_in_epoch, progress.order = progress.epoch + 1, 0, None
-    progress.loss_sum = progress.cross_entropy_sum = 0.0
+    progress.next_epoch()
     save_state(out / "last.pt", trainer, progress, d)
 
 

@@ -58,7 +58,7 @@ def training_flops(config: DecoderConfig, regions: int, steps: int, captions: in
     agrees with it exactly (tests/test_bench.py).
     """
     C, A, H, E, V = config.feature_dim, config.attention_dim, config.hidden_dim, config.embed_dim, config.vocab_size
-    gates = 4 if config.cell == "lstm" else 3
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[config.cell]  # gate pre-activations per hidden unit
     per_image = 2 * regions * C * A + 2 * C * H * (2 if config.cell == "lstm" else 1)  # W_a a_i, init h/c
     context = 2 * regions * C  # alpha^T a
     per_step = (

@@ -26,7 +26,7 @@ def load_bench(name: str):
 
 
 @pytest.mark.parametrize("captions_per_image", [1, 5])
-@pytest.mark.parametrize("overrides", [{}, {"cell": "gru"}, {"deep_output": False}])
+@pytest.mark.parametrize("overrides", [{}, {"cell": "gru"}, {"cell": "rnn"}, {"deep_output": False}])
 def test_training_flop_count_equals_what_torch_counts(captions_per_image: int, overrides: dict) -> None:
     bench = load_bench("train_throughput")
     config = DecoderConfig(

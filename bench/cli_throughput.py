@@ -12,7 +12,9 @@ content; without them, the synthetic photo of ``bench/image_decode.py``. They ar
 batch of the small photos warms it up before anything is timed.
 
 Also printed: the milliseconds ``load_image`` takes for one of the phone photos as the model needs it
-and at full size (``bench/image_decode.py``'s measurement, median of --repeat).
+and at full size (``bench/image_decode.py``'s measurement, median of --repeat), and from those the
+highest ratio the machine's cores allow (``cpu_bound_ratio``): when the small photos already keep
+every core busy, a phone photo costs their core time plus its decoding, however well the two overlap.
 
 The last line printed is one JSON object with every figure; ``ratio`` is the phone photos' images/s
 over the small photos'.
@@ -115,6 +117,13 @@ def decode_ms(photo: Path, min_size: int, repeat: int) -> dict[str, float]:
     }
 
 
+def cpu_bound_ratio(small_images_per_s: float, decode_ms: float, cores: int) -> float:
+    """The highest phone/small ratio the cores allow when captioning the small photos keeps them all
+    busy: each phone photo costs the small photo's core time plus its decoding, whatever the overlap."""
+    small_core_seconds = cores / small_images_per_s
+    return small_core_seconds / (small_core_seconds + decode_ms / 1000)
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO_ROOT / "weights" / "default"), help="model directory")
@@ -144,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         decode = decode_ms(phone_dir / "photo000.jpg", captioner.info.preprocessing.image_size, args.repeat)
         model_ms, full_ms = decode["for_the_model"], decode["full_size"]
         print(f"one 4032x3024 JPEG: {model_ms:.1f} ms for the model, {full_ms:.1f} ms full size")
+        bound = cpu_bound_ratio(rates["small"], model_ms, len(os.sched_getaffinity(0)))
+        print(f"the most the ratio can be on these cores if the small photos keep them busy: {bound:.2f}")
     result: dict[str, object] = {
         "images": args.images,
         "workers": args.workers,
@@ -152,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "phone_images_per_s": round(rates["phone"], 2),
         "ratio": round(ratio, 3),
         "decode_ms": {name: round(value, 1) for name, value in decode.items()},
+        "cpu_bound_ratio": round(bound, 3),
     }
     print(json.dumps(result))
     return result

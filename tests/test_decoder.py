@@ -324,7 +324,7 @@ def test_loss_is_the_papers_cost_per_word_ignoring_padding() -> None:
 
 def test_invalid_configurations_are_refused() -> None:
     with pytest.raises(ValueError, match="cell"):
-        DecoderConfig(vocab_size=10, feature_dim=4, cell="rnn")  # type: ignore[arg-type]
+        DecoderConfig(vocab_size=10, feature_dim=4, cell="transformer")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_layers"):
         DecoderConfig(vocab_size=10, feature_dim=4, num_layers=0)
     with pytest.raises(ValueError, match="dropout"):

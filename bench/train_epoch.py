@@ -5,10 +5,11 @@
                                 [--init-from runs/flickr8k/best] [--steps 20] [--threads 2]
 
 Each objective runs in a process of its own, on its shipped configuration and the feature cache the
-configuration names (built first if missing): the run is set up as ``training.train`` sets it up, then
+configuration names (built first if missing): the run is set up by ``training.train.prepare_run``, then
 ``--steps`` optimisation steps of the first epoch's batches are timed with the training loop's own
 ``train_one_epoch`` (after two untimed steps), and the process's peak resident memory is read when it
-ends. The time of a whole epoch's training part is the mean step time times the epoch's steps;
+ends. That peak counts the pages of the memory-mapped feature cache the timed steps read, so it grows
+with ``--steps``. The time of a whole epoch's training part is the mean step time times the epoch's steps;
 validation (beam search over the dev images) is the same work for both objectives and is not timed.
 ``--init-from`` starts both from the same model (self-critical training needs one; the default is
 the shipped ``weights/default``). The last line printed is one JSON object with every figure.
@@ -26,12 +27,10 @@ from pathlib import Path
 
 import torch
 
-from training import scst
 from training.config import load_config
-from training.data import build_vocabulary, epoch_order, prepare_data, read_splits, shard_batches
 from training.distributed import Distributed
 from training.state import Progress
-from training.train import TeacherForced, build_model, build_optimizer, seed_everything, train_one_epoch
+from training.train import epoch_batches, epoch_function, prepare_run, seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 2
@@ -43,21 +42,25 @@ def time_steps(config_path: Path, init_from: str, steps: int, threads: int) -> d
     tc, device, d = config.train, torch.device("cpu"), Distributed()
     torch.set_num_threads(threads)
     seed_everything(tc.seed)
-    splits = read_splits(tc)
-    vocabulary = build_vocabulary(tc, splits[0])
-    model = build_model(config, vocabulary, device)
-    data = prepare_data(config, model, vocabulary, splits, d, device)
-    self_critical = tc.objective == "scst"
-    units = torch.arange(len(data.train_references)).numpy() if self_critical else data.pair_image
-    batches = shard_batches(epoch_order(tc.seed, 0, units), d, tc.batch_size)
-    module = TeacherForced(model, data.train.from_features)
-    optimizer = build_optimizer(model, tc)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    epoch = scst.train_one_epoch if self_critical else train_one_epoch
+    trainer, data, module = prepare_run(config, d, device)
+    batches = epoch_batches(data, tc, Progress(), d)
+    epoch = epoch_function(tc)
 
     def train(some: list) -> float:
         start = time.perf_counter()
-        epoch(module, model, optimizer, scaler, data, some, Progress(), tc, device, lambda *_: None, False)
+        epoch(
+            module,
+            trainer.model,
+            trainer.optimizer,
+            trainer.scaler,
+            data,
+            some,
+            Progress(),
+            tc,
+            device,
+            lambda *_: None,
+            False,
+        )
         return time.perf_counter() - start
 
     train(batches[:WARMUP_STEPS])

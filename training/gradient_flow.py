@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from captioner.checkpoint import load_model
 from captioner.decoder import Decoder, Memory, State, Step
 from captioner.errors import CaptionerError
-from captioner.vocab import Vocabulary
+from captioner.vocab import PAD_ID, Vocabulary
 from training.datasets import FORMATS, ImageRecord, load_records
 
 
@@ -61,7 +61,7 @@ def last_word_gradients(decoder: Decoder, features: torch.Tensor, captions: torc
     ||dl_b/dh_t|| (B, n) of caption b's last-word loss l_b = -log p(w_n | w_<n) with respect to each of
     its steps' top hidden states h_1 .. h_n (column n - 1 is h_n, the state that predicts w_n)."""
     n = captions.shape[1] - 2
-    if n < 1 or bool((captions[:, 1:] == 0).any()):
+    if n < 1 or bool((captions[:, 1:] == PAD_ID).any()):
         raise ValueError("captions must hold at least one word, all of the same length, without padding")
     with torch.enable_grad(), recorded_hidden_states(decoder) as hidden:
         logits, _ = decoder(features, captions)  # (B, n + 1, V)
@@ -106,7 +106,8 @@ def measure(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             features = model.encoder(pixels)  # (b, R, C)
         norms.append(last_word_gradients(model.decoder, features, captions[start : start + len(batch)]))
-    ratios = relative_to_last(torch.cat(norms))  # (B, n)
+    all_norms = torch.cat(norms)  # (B, n)
+    ratios = relative_to_last(all_norms)  # (B, n)
     return {
         "checkpoint": str(args.checkpoint),
         "cell": info.config.decoder.cell,
@@ -115,7 +116,7 @@ def measure(args: argparse.Namespace) -> dict:
         "median": np.median(ratios, axis=0).tolist(),
         "p10": np.percentile(ratios, 10, axis=0).tolist(),
         "p90": np.percentile(ratios, 90, axis=0).tolist(),
-        "last_norm_median": float(torch.cat(norms)[:, -1].median()),
+        "last_norm_median": float(all_norms[:, -1].median()),
     }
 
 

@@ -28,7 +28,7 @@ from captioner.decoding import NEVER_SAID, Hypothesis, SearchOptions, search
 from captioner.model import CaptionModel
 from captioner.vocab import PAD_ID, START_ID, Vocabulary
 from training.metrics import CiderD
-from training.state import Progress, clip_gradients
+from training.state import Progress, clip_gradients, trainable
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -138,7 +138,7 @@ def scst_step(
     loss = -(advantage * log_prob).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = clip_gradients([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
+    grad_norm = clip_gradients(trainable(model), tc.grad_clip)
     optimizer.step()
     return float(loss.detach()), float(reward.mean()), grad_norm
 

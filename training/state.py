@@ -60,6 +60,11 @@ class Progress:
         self.loss_sum = self.cross_entropy_sum = self.grad_norm_sum = self.grad_norm_max = 0.0
 
 
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimiser moves: the decoder's and the encoder's unfrozen stages'."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> float:
     """Scale the gradients down to a global norm of at most ``max_norm`` (0: no clipping); returns
     the norm they had."""

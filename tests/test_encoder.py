@@ -326,3 +326,39 @@ def test_a_prepared_lite0_runs_its_activations_in_place() -> None:
     assert relus and not any(m.inplace for m in relus)
     encoder.prepare_for_inference()
     assert all(m.inplace for m in relus)
+
+
+@pytest.mark.parametrize(
+    ("name", "stages"),
+    [("efficientnet_lite0", 1), ("efficientnet_lite0", 2), ("efficientnet_lite0", 7), ("efficientnet_lite0", 18),
+     ("resnet50", 1), ("mobilenet_v3_large", 3)],
+)  # fmt: skip
+def test_the_trainable_stages_finish_what_the_frozen_ones_leave_into_the_same_features(name: str, stages: int) -> None:
+    encoder = Encoder(EncoderConfig(backbone=name, weights=None, fine_tune_stages=stages)).eval()
+    _randomise_batch_norms(encoder)
+    pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = encoder(pixels)  # (2, R, C)
+        cached = encoder.encode_frozen(pixels)  # (2, C', h, w)
+        got = encoder.encode_trainable(cached)
+    assert cached.dim() == 4 and (stages < len(encoder._stages) or torch.equal(cached, pixels))
+    torch.testing.assert_close(got, expected)
+    # A cache is filled by a frozen, prepared copy told how many stages the run trains.
+    prepared = Encoder(EncoderConfig(backbone=name, weights=None))
+    prepared.load_state_dict(encoder.state_dict())
+    prepared.prepare_for_inference()
+    with torch.no_grad():
+        from_prepared = prepared.encode_frozen(pixels, stages)
+    torch.testing.assert_close(from_prepared, cached, rtol=1e-4, atol=1e-4 * float(cached.abs().max()))
+
+
+def test_a_frozen_encoder_caches_its_features_and_a_fine_grid_cannot_cache_a_cut() -> None:
+    encoder = Encoder(EncoderConfig(backbone="efficientnet_lite0", weights=None)).eval()
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cached = encoder.encode_frozen(pixels)
+        assert torch.equal(cached, encoder(pixels)) and encoder.encode_trainable(cached) is cached
+    fine = Encoder(EncoderConfig(backbone="efficientnet_lite0", weights=None, fine_grid=True, fine_tune_stages=1))
+    for call in (lambda: fine.encode_frozen(pixels), lambda: fine.encode_trainable(torch.zeros(1, 320, 2, 2))):
+        with pytest.raises(ValueError, match="fine_grid"):
+            call()

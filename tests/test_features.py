@@ -206,3 +206,30 @@ def test_the_cache_decodes_images_exactly_as_inference_does(tmp_path: Path, tiny
     assert failure is None and pixels is not None
     assert torch.equal(pixels, captioner.preprocess(path))
     assert not torch.equal(pixels, preprocessing(load_image(path)))  # the full-size decode the cache used before
+
+
+def test_with_trainable_stages_the_cache_holds_the_frozen_stages_map_under_a_key_of_their_weights(
+    tmp_path: Path, encoder: Encoder
+) -> None:
+    records = make_records(tmp_path / "images", 3)
+    root = tmp_path / "cache"
+    frozen = build(records, encoder, root)
+    partly = copy.deepcopy(encoder)
+    partly.set_fine_tuning(2)
+    cache = build(records, partly, root)
+    assert cache.directory != frozen.directory
+    pixels = torch.stack([preprocessing_for(SMALL)(load_image(r.path)) for r in records])
+    with torch.inference_mode():
+        expected = partly.encode_frozen(pixels)  # (3, C', h, w)
+        assert cache.features.shape == expected.shape and cache.features.dtype == np.float16
+        np.testing.assert_allclose(cache.features.astype(np.float32), expected.numpy(), rtol=2e-3, atol=2e-3)
+        finished = partly.encode_trainable(cache.batch([0, 1, 2]))  # (3, R, C)
+        np.testing.assert_allclose(finished.numpy(), frozen.features.astype(np.float32), rtol=1e-2, atol=1e-2)
+    # Training moves the trainable stages: the cache stays valid. A frozen stage's weights make another.
+    trained = copy.deepcopy(partly)
+    frozen_changed = copy.deepcopy(partly)
+    with torch.no_grad():
+        next(trained.trainable_stage_modules()[-1].parameters()).add_(0.01)
+        next(frozen_changed.body.parameters()).add_(0.01)
+    assert build(records, trained, root).directory == cache.directory
+    assert build(records, frozen_changed, root).directory not in (cache.directory, frozen.directory)

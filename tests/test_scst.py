@@ -150,3 +150,26 @@ def test_self_critical_training_needs_a_starting_model(tmp_path: Path) -> None:
                                       "--set", "train.objective='scst'"])  # fmt: skip
     with pytest.raises(ConfigError, match="init_from"):
         main(args)
+
+
+@pytest.mark.slow
+def test_self_critical_training_can_tune_the_last_encoder_stages_on_the_frozen_stages_cache(
+    start: dict[str, Path],
+) -> None:
+    from training.train import ConfigError, build_parser, main
+
+    tuning = ["--set", "encoder.fine_tune_stages=2"]
+    with pytest.raises(ConfigError, match="cache_frozen_stages"):
+        main(build_parser().parse_args(scst_args(start, start["root"] / "refused", *tuning)))
+    out = start["root"] / "scst-tuned"
+    finish(start_training(scst_args(start, out, "--epochs", "1", *tuning, "--set", "train.cache_frozen_stages=true")),
+           timeout=600)  # fmt: skip
+    before = load_file(start["root"] / "xe" / "last" / "model.safetensors")
+    after = load_file(out / "last" / "model.safetensors")
+    trained, _ = load_model(out / "last")
+    tuned = {id(t) for stage in trained.encoder._stages[-2:] for t in (*stage.parameters(), *stage.buffers())}
+    stage_names = {name for name, t in (*trained.named_parameters(), *trained.named_buffers()) if id(t) in tuned}
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    moved_in_encoder = {name for name in moved if name.startswith("encoder.")}
+    assert moved_in_encoder and moved_in_encoder <= stage_names
+    assert any(n.startswith("decoder.") for n in moved) and read_csv(out / "metrics.csv")[0]["train_reward"]

@@ -219,6 +219,29 @@ def test_only_trainable_encoder_stages_receive_gradients(fine_tune_stages: int, 
     assert len(optimizer.param_groups) == (2 if fine_tune_stages else 1)
 
 
+def test_a_step_on_the_frozen_stages_cached_map_equals_a_step_on_the_images(one_thread: None) -> None:
+    tc = TrainConfig()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    captions = torch.tensor([[1, 5, 6, 2, 0], [1, 7, 8, 9, 2]])
+    results = []
+    for from_features in (False, True):
+        model = tiny_model(fine_tune_stages=2).train()  # as the loop sets it: the backbone stays in eval mode
+        optimizer = build_optimizer(model, tc)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        with torch.no_grad():
+            inputs = model.encoder.encode_frozen(pixels) if from_features else pixels  # (2, C', 2, 2) or pixels
+        module = TeacherForced(model, from_features)
+        loss, _, norm = train_step(module, model, optimizer, scaler, inputs, captions, tc, None)
+        results.append((loss, norm, {name: p.detach().clone() for name, p in model.named_parameters()}))
+    (loss, norm, weights), (cached_loss, cached_norm, cached_weights) = results
+    assert cached_loss == pytest.approx(loss, rel=1e-5) and cached_norm == pytest.approx(norm, rel=1e-4)
+    start = dict(tiny_model(fine_tune_stages=2).named_parameters())
+    moved = [name for name in weights if not torch.equal(weights[name], start[name])]
+    assert any(name.startswith("encoder.") for name in moved)  # the trainable stages did move
+    for name in weights:
+        torch.testing.assert_close(cached_weights[name], weights[name], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
 def test_a_step_reports_the_gradient_norm_it_found_and_clips_to_the_limit(grad_clip: float, one_thread: None) -> None:
     model = tiny_model(0)
@@ -408,6 +431,29 @@ def test_fine_tuning_trains_on_images_and_moves_only_the_trainable_stages(
     initial = dict(start_model.encoder.body.named_parameters())
     moved = {id(p) for name, p in trained.encoder.body.named_parameters() if not torch.equal(p, initial[name])}
     assert moved and moved <= {id(p) for p in trained.encoder._stages[-1].parameters()}
+
+
+def test_fine_tuning_on_the_frozen_stages_cache_moves_only_the_trainable_stages_and_captions(
+    synthetic_set: dict[str, Path], one_thread: None
+) -> None:
+    out = synthetic_set["runs"] / "fine-tune-cached"
+    tuning = ("--set", "encoder.fine_tune_stages=2", "--set", "train.cache_frozen_stages=true")
+    caches = set(synthetic_set["cache"].glob("*"))
+    main(build_parser().parse_args(run_args(synthetic_set, out, "--epochs", "1", *tuning)))
+    (new_cache,) = set(synthetic_set["cache"].glob("*")) - caches
+    assert json.loads((new_cache / "index.json").read_text())["description"]["trainable_stages"] == 2
+    maps = np.load(new_cache / "features.npy", mmap_mode="r")
+    assert maps.ndim == 4 and maps.shape[1] == 192  # the input of EfficientNet-Lite0's last block
+    trained, _ = load_model(out / "last")
+    start_model = CaptionModel(trained.config)  # the packaged ImageNet weights it started from
+    initial = dict(start_model.encoder.body.named_parameters())
+    moved = {id(p) for name, p in trained.encoder.body.named_parameters() if not torch.equal(p, initial[name])}
+    assert moved and moved <= {id(p) for stage in trained.encoder._stages[-2:] for p in stage.parameters()}
+    image = next(p for p in sorted(synthetic_set["images"].rglob("*.jpg")) if p.stat().st_size > 100)
+    result = Captioner.from_pretrained(out / "last", device="cpu").caption(image, beam_size=2)
+    assert result.attention.shape == (len(result.words), 4, 4)
+    with pytest.raises(ConfigError, match="fine_grid"):
+        main(build_parser().parse_args(run_args(synthetic_set, out, *tuning, "--set", "encoder.fine_grid=true")))
 
 
 def test_a_fine_grid_run_caches_its_own_features_and_captions_on_the_finer_grid(

@@ -40,6 +40,9 @@ class TrainConfig:
     val_images: str = ""  # its image folder; empty: ``images``
     out: str = "runs/train"
     cache_dir: str = ""  # feature caches; empty: ``feature-cache`` beside the annotation file
+    # With encoder.fine_tune_stages > 0: cache the frozen stages' output once and train the last stages
+    # on it, in place of decoding and encoding every image at every step (no fine_grid).
+    cache_frozen_stages: bool = False
     init_from: str = ""  # a model directory whose weights (and vocabulary) start the run
     name: str = "captioner"
     version: str = "1"

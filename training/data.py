@@ -28,7 +28,8 @@ from training.features import FeatureCache, ImageDataset, cached_features, colla
 
 @dataclass(frozen=True)
 class FeatureSource:
-    """Inputs of a split read from the feature cache: (B, R, C) features."""
+    """Inputs of a split read from the feature cache: (B, R, C) features, or the maps (B, C', h, w) the
+    encoder's trainable stages read (``Encoder.encode_trainable`` turns either into features)."""
 
     cache: FeatureCache
     rows: np.ndarray  # the cache row of each image of the split
@@ -112,7 +113,7 @@ def prepare_data(
     frozen, then the others reuse its work), drop them, and lay out the caption pairs."""
     tc, (train, val, n_cut) = config.train, splits
     preprocessing = preprocessing_for(config.encoder)
-    frozen = config.encoder.fine_tune_stages == 0
+    frozen = config.encoder.fine_tune_stages == 0 or tc.cache_frozen_stages
     cache_root = Path(tc.cache_dir) if tc.cache_dir else Path(tc.data).parent / "feature-cache"
 
     cache: FeatureCache | None = None

@@ -102,7 +102,7 @@ class FeatureCache:
     image_ids: list[str]
     paths: list[str]
     failed: dict[str, str]  # image id -> why it could not be read
-    features: np.ndarray  # (N, R, C) float16, memory-mapped read-only
+    features: np.ndarray  # (N, R, C), or (N, C', h, w) before trainable stages; float16, memory-mapped read-only
 
     def rows(self, image_ids: Sequence[str]) -> list[int]:
         index = {image_id: row for row, image_id in enumerate(self.image_ids)}
@@ -114,10 +114,19 @@ class FeatureCache:
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
-    """A hash of every weight and buffer: two encoders with the same fingerprint compute the same
-    features, whether their weights came from a named release or a random initialisation."""
+    """A hash of every weight and buffer of the frozen stages: two encoders with the same fingerprint
+    cache the same values, whether their weights came from a named release or a random initialisation.
+    The trainable stages are left out: the cache holds what comes before them, and they change as
+    the run trains."""
+    trainable = {
+        tensor.data_ptr()
+        for stage in encoder.trainable_stage_modules()
+        for tensor in (*stage.parameters(), *stage.buffers())
+    }
     digest = hashlib.sha256()
     for name, tensor in sorted(encoder.state_dict().items()):
+        if tensor.data_ptr() in trainable:
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -135,8 +144,11 @@ def cache_key(encoder: Encoder, preprocessing: Preprocessing, records: Sequence[
         "images_sha256": _images_hash(records),
         "count": len(records),
     }
-    if encoder.config.fine_grid:  # absent otherwise, so the keys of caches made before it existed still match
+    # Both absent otherwise, so the keys of caches made before they existed still match.
+    if encoder.config.fine_grid:
         description["fine_grid"] = True
+    if encoder.trainable_stages:  # the cache holds the map the first trainable stage reads
+        description["trainable_stages"] = encoder.trainable_stages
     # Round-tripped through JSON so it compares equal to the copy read back from index.json.
     description = json.loads(json.dumps(description, sort_keys=True))
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
@@ -227,21 +239,29 @@ def _encode_into(
     workers: int,
     progress: bool,
 ) -> dict[str, str]:
-    """Fill ``folder/features.npy``; returns the failed images (id -> reason)."""
-    shape = (len(records), encoder.grid_size**2, encoder.channels)
+    """Fill ``folder/features.npy`` with what ``Encoder.encode_frozen`` gives; returns the failed images
+    (id -> reason)."""
+    trainable_stages = encoder.trainable_stages
+    # A prepared copy, frozen whole: folding the batch norms changes the encoder's state dict, and the
+    # caller's encoder is part of the model that training saves.
+    encoder = copy.deepcopy(encoder).to(device)
+    encoder.set_fine_tuning(0)
+    encoder.prepare_for_inference()
+    shape: tuple[int, ...] = (len(records), encoder.grid_size**2, encoder.channels)  # (N, R, C)
+    if trainable_stages:
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, preprocessing.image_size, preprocessing.image_size, device=device)
+            shape = (len(records), *encoder.encode_frozen(probe, trainable_stages).shape[1:])  # (N, C', h, w)
     features = np.lib.format.open_memmap(folder / FEATURES_FILE, mode="w+", dtype=np.float16, shape=shape)
     loader = image_loader([r.path for r in records], preprocessing, batch_size, workers, device.type == "cuda")
     failed: dict[str, str] = {}
-    # A prepared copy: folding the batch norms changes the encoder's state dict, and the caller's
-    # encoder is part of the model that training saves.
-    encoder = copy.deepcopy(encoder).to(device).prepare_for_inference()
     with torch.inference_mode():
         for batch in tqdm(loader, desc="features", unit="batch", disable=not progress):
             for index, reason in batch.failures:
                 failed[records[index].image_id] = reason
                 _warn_failure(records[index], reason, len(failed))
             if batch.pixels is not None:
-                encoded = encoder(batch.pixels.to(device, non_blocking=True)).float()  # (B, R, C)
+                encoded = encoder.encode_frozen(batch.pixels.to(device, non_blocking=True), trainable_stages).float()
                 features[batch.indices] = encoded.cpu().numpy().astype(np.float16)
     features.flush()
     del features

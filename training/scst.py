@@ -55,11 +55,11 @@ def caption_batch(token_lists: Sequence[Sequence[int]], device: torch.device) ->
     return captions.to(device)
 
 
-def token_log_probs(module: nn.Module, features: torch.Tensor, captions: torch.Tensor, per_image: int) -> torch.Tensor:
+def token_log_probs(module: nn.Module, inputs: torch.Tensor, captions: torch.Tensor, per_image: int) -> torch.Tensor:
     """log p of each token (N, T-1) of ``captions`` (N, T), ``per_image`` consecutive rows per image of
-    ``features`` (B, R, C), under the search's distribution; 0 at padding."""
-    image_of_caption = torch.arange(features.shape[0], device=features.device).repeat_interleave(per_image)  # (N,)
-    logits, _ = module(features, captions, image_of_caption)  # (N, T-1, V)
+    the cached ``inputs`` (B, ...), under the search's distribution; 0 at padding."""
+    image_of_caption = torch.arange(inputs.shape[0], device=inputs.device).repeat_interleave(per_image)  # (N,)
+    logits, _ = module(inputs, captions, image_of_caption)  # (N, T-1, V)
     logits = logits.float()
     logits[..., NEVER_SAID] = float("-inf")  # the search never says these: not part of its distribution
     targets = captions[:, 1:]  # (N, T-1)
@@ -101,17 +101,19 @@ def scst_step(
     module: nn.Module,
     model: CaptionModel,
     optimizer: torch.optim.Optimizer,
-    features: torch.Tensor,
+    inputs: torch.Tensor,
     images: np.ndarray,
     rewards: Rewards,
     vocabulary: Vocabulary,
     tc: TrainConfig,
     generator: torch.Generator,
 ) -> tuple[float, float, float]:
-    """One update on the training images ``images`` (B,) whose ``features`` are (B, R, C); returns the
-    loss, the samples' mean reward and the global gradient norm before clipping."""
+    """One update on the training images ``images`` (B,) whose cached ``inputs`` are the features
+    (B, R, C) or the maps the encoder's trainable stages read; returns the loss, the samples' mean
+    reward and the global gradient norm before clipping."""
     k = tc.scst_samples
     with torch.no_grad():
+        features = model.encoder.encode_trainable(inputs)  # (B, R, C)
         samples = sample_captions(model, features, k, tc.scst_max_length, generator)  # B lists of K hypotheses
         greedy = (
             search(model.decoder, features, SearchOptions(beam_size=1, max_length=tc.scst_max_length))
@@ -134,7 +136,7 @@ def scst_step(
     advantage = advantages(reward, tc.scst_baseline, greedy_reward).flatten().to(features.device)  # (B*K,)
     hypotheses = [h for found in samples for h in found]
     captions = caption_batch([h.tokens for h in hypotheses], features.device)  # (B*K, T)
-    log_prob = sample_log_probs(token_log_probs(module, features, captions, per_image=k), hypotheses)  # (B*K,)
+    log_prob = sample_log_probs(token_log_probs(module, inputs, captions, per_image=k), hypotheses)  # (B*K,)
     loss = -(advantage * log_prob).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -166,10 +168,10 @@ def train_one_epoch(
     bar = tqdm(total=len(batches), initial=progress.step_in_epoch, desc=f"scst epoch {progress.epoch + 1}",
                unit="step", disable=not show_progress)  # fmt: skip
     for images, inputs in zip(remaining, data.train.iterate(remaining), strict=True):
-        features = inputs.to(device).float()  # (B, R, C): self-critical runs train on cached features only
+        inputs = inputs.to(device).float()  # self-critical runs train on cached features (or frozen stages' maps)
         generator = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + progress.global_step)
         loss, reward, grad_norm = scst_step(
-            module, model, optimizer, features, images, rewards, data.vocabulary, tc, generator
+            module, model, optimizer, inputs, images, rewards, data.vocabulary, tc, generator
         )
         progress.record_step(loss, reward, grad_norm)
         bar.update(1)

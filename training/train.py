@@ -9,7 +9,9 @@ The configuration is a TOML file with ``[encoder]`` (``captioner.config.EncoderC
 backbone) and ``[train]`` (``TrainConfig``); ``--set`` and the dedicated flags override it.
 
 With a frozen encoder (``fine_tune_stages = 0``) every image is encoded once into a feature cache
-(``training.features``) and training reads the cache; otherwise every step runs the encoder on images.
+(``training.features``) and training reads the cache; otherwise every step runs the encoder on images,
+unless ``train.cache_frozen_stages`` caches what the frozen stages compute and every step runs only
+the trainable ones on it.
 Each epoch visits every (image, caption) pair once: the images in a permutation drawn from a
 generator seeded by the seed and the epoch (so the order is known again after a restart), each
 image's captions together in one batch. After each epoch the model captions the validation split
@@ -153,7 +155,8 @@ class TeacherForced(nn.Module):
     def forward(
         self, inputs: torch.Tensor, captions: torch.Tensor, image_of_caption: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        features = inputs if self.from_features else self.model.encoder(inputs)  # (N, R, C)
+        encoder = self.model.encoder
+        features = encoder.encode_trainable(inputs) if self.from_features else encoder(inputs)  # (N, R, C)
         return self.model.decoder(features, captions, image_of_caption)  # (B, T-1, V), (B, T-1, R)
 
 
@@ -285,7 +288,8 @@ def evaluate(model: CaptionModel, data: Data, tc: TrainConfig, device: torch.dev
     candidates: dict[str, list[str]] = {}
     for batch, inputs in zip(batches, data.val.iterate(batches), strict=True):
         inputs = inputs.to(device)
-        features = inputs if data.val.from_features else model.encoder(inputs)  # (B, R, C)
+        encoder = model.encoder
+        features = encoder.encode_trainable(inputs) if data.val.from_features else encoder(inputs)  # (B, R, C)
         for i, hypotheses in zip(batch, search(model.decoder, features.float(), options), strict=True):
             candidates[data.val_ids[i]] = data.vocabulary.decode(hypotheses[0].tokens)
     model.train()
@@ -350,8 +354,13 @@ def run(config: RunConfig, args: argparse.Namespace, d: Distributed, device: tor
     seed_everything(tc.seed)
     if tc.objective == "scst" and not tc.init_from:
         raise ConfigError("train.objective = 'scst' fine-tunes a trained model: set train.init_from to its directory")
-    if tc.objective == "scst" and config.encoder.fine_tune_stages:
-        raise ConfigError("train.objective = 'scst' trains on cached features: set encoder.fine_tune_stages = 0")
+    if tc.objective == "scst" and config.encoder.fine_tune_stages and not tc.cache_frozen_stages:
+        raise ConfigError(
+            "train.objective = 'scst' trains on cached features: set encoder.fine_tune_stages = 0, "
+            "or train.cache_frozen_stages = true"
+        )
+    if tc.cache_frozen_stages and config.encoder.fine_grid:
+        raise ConfigError("train.cache_frozen_stages needs encoder.fine_grid = false: the fine grid taps a mid stage")
     trainer, data, module = prepare_run(config, d, device)
     if args.resume:
         progress = load_state(out / "last.pt", trainer, d)
